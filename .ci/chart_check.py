@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""Offline checks of the crisp-bridge Helm chart (no helm binary, no cluster).
+
+Run through .ci/chart-check.sh, which prepares the virtualenv. Steps:
+
+1. lint the chart with Helm's own engine (helm-python-sdk, Helm v4 library),
+   with the default values and every ci/*-values.yaml file;
+2. validate each values file (raw and merged with the defaults) against
+   values.schema.json with jsonschema (draft-07);
+3. render with the default values and each ci/*-values.yaml; check that the
+   files under ci/invalid/ are refused (template `fail` or schema);
+4. validate every rendered manifest with `kubernetes-validate --strict`;
+   CRD kinds it has no schema for get a structural check only;
+5. assert chart behaviours (checksums roll pods, restricted securityContext,
+   TOML config parses and holds the rules, KEDA wiring, PDB choice, ...).
+
+Exits non-zero on any failure, after printing one summary line.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import yaml
+
+import helm_python as helm
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "crisp-bridge"
+CI_DIR = CHART / "ci"
+KUBE_VERSION = os.environ.get("CHART_CHECK_KUBE_VERSION", "1.33.0")
+RELEASE = "cb"
+NAMESPACE = "crisp"
+
+# Kinds served by CRDs: kubernetes-validate bundles no schema for them.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+}
+
+passed = 0
+failures: list[str] = []
+
+
+def ok(msg: str) -> None:
+    global passed
+    passed += 1
+    print(f"  ok    {msg}")
+
+
+def fail(msg: str) -> None:
+    failures.append(msg)
+    print(f"  FAIL  {msg}")
+
+
+def check(cond: bool, msg: str, detail: str = "") -> bool:
+    if cond:
+        ok(msg)
+    else:
+        fail(msg + (f": {detail}" if detail else ""))
+    return cond
+
+
+def section(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    assert isinstance(data, dict), f"{path} is not a mapping"
+    return data
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+# ---------------------------------------------------------------------------
+# rendering helpers
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None) -> dict[str, str]:
+    return chart.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def documents(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """Every non-empty YAML document of the rendered templates (NOTES.txt excluded)."""
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc["__template__"] = path
+                docs.append(doc)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(docs, kind)
+    if len(found) != 1:
+        raise AssertionError(f"expected exactly one {kind}, found {len(found)}")
+    return found[0]
+
+
+def strip(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "__template__"}
+
+
+def pod_annotations(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return one(docs, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+
+
+def config_toml(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return tomllib.loads(one(docs, "ConfigMap")["data"]["crisp-bridge.toml"])
+
+
+# ---------------------------------------------------------------------------
+# steps
+
+
+def step_lint(value_files: list[Path]) -> None:
+    section(f"helm lint (Helm {helm.helm_sdk_version()} engine via helm_python.lint)")
+    for label, values in [("default values", None)] + [
+        (rel(p), load_yaml(p)) for p in value_files
+    ]:
+        report = helm.lint(
+            str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}"
+        )
+        bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+        infos = [m for m in report.get("messages", []) if m.get("severity", 0) < 2]
+        for m in infos:
+            print(f"        info  {m['path']}: {m['error'].strip()}")
+        problems = [f"{m['path']}: {m['error'].strip()}" for m in bad] + [
+            e.strip() for e in report.get("errors", []) if e.strip() not in {m["error"].strip() for m in bad}
+        ]
+        check(
+            report.get("total_charts_linted") == 1 and not problems,
+            f"lint ({label}): no warnings or errors",
+            "; ".join(problems) or f"report {report}",
+        )
+
+
+# Values documented as one object (not key by key).
+OPAQUE_VALUES = {"rules", "livenessProbe", "readinessProbe", "resources", "podSecurityContext",
+                 "securityContext", "affinity"}
+
+
+def value_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of values.yaml, down to leaves, empty maps or OPAQUE_VALUES."""
+    keys: list[str] = []
+    for k, v in values.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and v and dotted not in OPAQUE_VALUES:
+            keys.extend(value_keys(v, dotted + "."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def schema_has(schema: dict[str, Any], dotted: str) -> bool:
+    node: Any = schema
+    for part in dotted.split("."):
+        props = node.get("properties", {}) if isinstance(node, dict) else {}
+        if part not in props:
+            return False
+        node = props[part]
+    return True
+
+
+def step_schema(chart: helm.Chart, value_files: list[Path], invalid_schema: list[Path]) -> None:
+    section("values.schema.json (jsonschema, draft-07)")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    try:
+        jsonschema.Draft7Validator.check_schema(schema)
+        ok("values.schema.json is a valid draft-07 schema")
+    except jsonschema.SchemaError as e:
+        fail(f"values.schema.json is not a valid draft-07 schema: {e.message}")
+        return
+    check(schema.get("additionalProperties") is False, "schema refuses unknown top-level values")
+    validator = jsonschema.Draft7Validator(schema)
+    defaults = load_yaml(CHART / "values.yaml")
+    missing = sorted(set(defaults) - set(schema.get("properties", {})))
+    check(not missing, "every top-level value in values.yaml is described by the schema", str(missing))
+
+    def errors_of(values: dict[str, Any]) -> list[str]:
+        return [
+            f"/{'/'.join(str(x) for x in e.absolute_path)}: {e.message}"
+            for e in validator.iter_errors(values)
+        ]
+
+    check(not errors_of(defaults), "values.yaml validates", "; ".join(errors_of(defaults)))
+
+    keys = value_keys(defaults)
+    undescribed = [k for k in keys if not schema_has(schema, k)]
+    check(not undescribed, f"all {len(keys)} values in values.yaml have a schema entry", ", ".join(undescribed))
+    readme = (CHART / "README.md").read_text()
+    undocumented = [k for k in keys if f"| `{k}` |" not in readme]
+    check(not undocumented, f"all {len(keys)} values are in the README table", ", ".join(undocumented))
+    for path in value_files:
+        raw = load_yaml(path)
+        errs = errors_of(raw)
+        check(not errs, f"{rel(path)} validates", "; ".join(errs))
+        merged = chart.merge_values(raw)
+        errs = errors_of(merged)
+        check(not errs, f"{rel(path)} merged with the defaults validates", "; ".join(errs))
+    for path in invalid_schema:
+        errs = errors_of(chart.merge_values(load_yaml(path)))
+        check(bool(errs), f"{rel(path)} is refused by the schema", "it validated")
+        if errs:
+            print(f"        (refused with: {errs[0]})")
+    # Unknown top-level keys (typos) are refused.
+    check(bool(errors_of({**defaults, "replicas": 2})), "a misspelt top-level value (replicas) is refused")
+
+
+def step_render(chart: helm.Chart, value_files: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    section("render (helm_python.Chart.render, offline)")
+    renders: dict[str, list[dict[str, Any]]] = {}
+    for label, values in [("default", None)] + [(p.name, load_yaml(p)) for p in value_files]:
+        try:
+            rendered = render(chart, values)
+        except helm.HelmError as e:
+            fail(f"render with {label} values: {e}")
+            continue
+        docs = documents(rendered)
+        kinds = sorted(d["kind"] for d in docs)
+        notes = rendered.get("crisp-bridge/templates/NOTES.txt", "")
+        check(bool(docs), f"render with {label} values: {len(docs)} manifests ({', '.join(kinds)})")
+        check("/readyz" in notes and "dead-letter queue" in notes, f"NOTES.txt ({label}) explains readiness, metrics and the dead-letter queue")
+        renders[label] = docs
+    return renders
+
+
+def step_refusals(chart: helm.Chart) -> None:
+    section("values that must not render")
+    expectations = {
+        "hpa-and-keda.yaml": "mutually exclusive",
+        "short-grace-period.yaml": "terminationGracePeriodSeconds (60) must be longer",
+        "secret-in-config.yaml": "/config/crisp/key",
+    }
+    for name, needle in expectations.items():
+        path = CI_DIR / "invalid" / name
+        try:
+            render(chart, load_yaml(path))
+        except helm.HelmError as e:
+            message = str(e)
+            check(needle in message, f"{rel(path)} fails to render ({type(e).__name__})", f"message lacks {needle!r}: {message}")
+            print(f"        ({message.strip().splitlines()[-1].strip()})")
+        else:
+            fail(f"{rel(path)} rendered but must fail")
+    # Grace period parsing: seconds and minutes.
+    for timeout, grace, should_pass in [("25s", 26, True), ("25s", 25, False), ("1m", 61, True), ("1m30s", 90, False), ("500ms", 2, True), ("500ms", 1, False)]:
+        values = {"config": {"delivery": {"shutdown_timeout": timeout}}, "terminationGracePeriodSeconds": grace}
+        try:
+            render(chart, values)
+            rendered_ok = True
+        except helm.HelmError:
+            rendered_ok = False
+        check(rendered_ok == should_pass, f"shutdown_timeout {timeout} with grace {grace}s {'renders' if should_pass else 'is refused'}")
+
+
+def step_kubernetes_validate(renders: dict[str, list[dict[str, Any]]]) -> None:
+    section(f"kubernetes-validate --strict -k {KUBE_VERSION}")
+    with tempfile.TemporaryDirectory(prefix="crisp-bridge-manifests-") as tmp:
+        files: list[str] = []
+        for label, docs in renders.items():
+            for index, doc in enumerate(docs):
+                api_kind = (doc.get("apiVersion"), doc.get("kind"))
+                name = f"{label}/{doc['__template__'].split('/')[-1]}#{doc.get('kind')}"
+                if api_kind in CRD_KINDS:
+                    meta = doc.get("metadata") or {}
+                    spec = doc.get("spec")
+                    check(
+                        bool(meta.get("name")) and isinstance(spec, dict) and bool(spec),
+                        f"{name}: CRD kind {api_kind[0]}/{api_kind[1]} has no bundled schema; "
+                        "checked structurally (apiVersion, kind, metadata.name, non-empty spec)",
+                    )
+                    continue
+                path = Path(tmp) / f"{label.replace('/', '_')}-{index:02d}-{doc['kind']}.yaml"
+                path.write_text(yaml.safe_dump(strip(doc), sort_keys=False))
+                files.append(str(path))
+        venv_bin = Path(sys.executable).parent
+        exe = venv_bin / "kubernetes-validate"
+        cmd = [str(exe) if exe.exists() else "kubernetes-validate", "--strict", "-k", KUBE_VERSION, *files]
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        lines = [l for l in proc.stdout.splitlines() + proc.stderr.splitlines() if l.strip()]
+        passed_lines = [l for l in lines if l.startswith("INFO") and " passed " in l]
+        other = [l for l in lines if not (l.startswith("INFO") and " passed " in l)]
+        for l in other:
+            print(f"        {l.replace(tmp + '/', '')}")
+        check(
+            proc.returncode == 0 and not other and len(passed_lines) == len(files),
+            f"{len(passed_lines)}/{len(files)} built-in manifests valid against Kubernetes {KUBE_VERSION} (strict)",
+            f"exit {proc.returncode}",
+        )
+
+
+def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) -> None:
+    section("chart behaviour")
+    defaults = chart.values
+    full_values = load_yaml(CI_DIR / "full-values.yaml")
+    base = renders.get("default")
+    full = renders.get("full-values.yaml")
+    existing = renders.get("existing-values.yaml")
+    if not (base and full and existing):
+        fail("behaviour checks skipped: a render failed")
+        return
+
+    def attempt(msg: str, fn: Callable[[], bool | tuple[bool, str]]) -> None:
+        try:
+            result = fn()
+        except Exception as e:  # an assertion path that blew up is a failure, not a crash
+            fail(f"{msg}: {type(e).__name__}: {e}")
+            return
+        if isinstance(result, tuple):
+            check(result[0], msg, result[1])
+        else:
+            check(bool(result), msg)
+
+    # Which resources each configuration produces.
+    def kinds(docs: list[dict[str, Any]]) -> set[str]:
+        return {d["kind"] for d in docs}
+
+    attempt("default values: Deployment, ConfigMap, Secret, Service, ServiceAccount, PDB only",
+            lambda: (kinds(base) == {"Deployment", "ConfigMap", "Secret", "Service", "ServiceAccount", "PodDisruptionBudget"}, str(kinds(base))))
+    attempt("full values: + ServiceMonitor, ScaledObject, TriggerAuthentication, no HPA",
+            lambda: (kinds(full) == {"Deployment", "ConfigMap", "Secret", "Service", "ServiceAccount", "PodDisruptionBudget",
+                                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication"}, str(kinds(full))))
+    attempt("existing Secret/ConfigMap: chart makes neither, nor a ServiceAccount; HPA present",
+            lambda: (kinds(existing) == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"}, str(kinds(existing))))
+
+    # Deployment wiring.
+    def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+    attempt("image defaults to <repository>:<appVersion>", lambda: (container(base)["image"] == f"crisp-bridge:{chart.metadata['appVersion']}", container(base)["image"]))
+    attempt("args run --config /etc/crisp-bridge/crisp-bridge.toml",
+            lambda: container(base)["args"] == ["run", "--config", "/etc/crisp-bridge/crisp-bridge.toml"])
+    attempt("config file mounted at /etc/crisp-bridge from the ConfigMap",
+            lambda: any(m["mountPath"] == "/etc/crisp-bridge" for m in container(base)["volumeMounts"]))
+
+    def env_ok(docs: list[dict[str, Any]], secret: str) -> tuple[bool, str]:
+        env = {e["name"]: e for e in container(docs)["env"]}
+        want = {"CRISP_BRIDGE_AMQP__URL": "amqp-url", "CRISP_BRIDGE_CRISP__IDENTIFIER": "crisp-identifier", "CRISP_BRIDGE_CRISP__KEY": "crisp-key"}
+        for name, key in want.items():
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            if ref != {"name": secret, "key": key}:
+                return False, f"{name} -> {ref}"
+        return env.get("CRISP_BRIDGE_LOG__FORMAT", {}).get("value") == "json", "CRISP_BRIDGE_LOG__FORMAT"
+
+    attempt("secrets come from the chart's Secret as CRISP_BRIDGE_* env; log format json", lambda: env_ok(base, f"{RELEASE}-crisp-bridge"))
+    attempt("existingSecret is used when set", lambda: env_ok(existing, "crisp-bridge-credentials"))
+    attempt("existingConfigMap is mounted when set",
+            lambda: one(existing, "Deployment")["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "crisp-bridge-config")
+
+    def probes(docs: list[dict[str, Any]]) -> bool:
+        c = container(docs)
+        return (c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+                and c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+                and c["ports"] == [{"name": "admin", "containerPort": 9464, "protocol": "TCP"}])
+
+    attempt("liveness /healthz and readiness /readyz on the admin port 9464", lambda: probes(base))
+    attempt("resources: requests 50m/64Mi, limit 512Mi",
+            lambda: container(base)["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}})
+
+    def restricted(docs: list[dict[str, Any]]) -> tuple[bool, str]:
+        spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+        psc, csc = spec.get("securityContext", {}), container(docs).get("securityContext", {})
+        problems = []
+        if not psc.get("runAsNonRoot") or psc.get("runAsUser") != 65532:
+            problems.append(f"pod {psc}")
+        if (psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append("pod seccompProfile")
+        expect = {"runAsNonRoot": True, "runAsUser": 65532, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False}
+        for k, v in expect.items():
+            if csc.get(k) != v:
+                problems.append(f"container {k}={csc.get(k)!r}")
+        if (csc.get("capabilities") or {}).get("drop") != ["ALL"] or (csc.get("capabilities") or {}).get("add"):
+            problems.append(f"capabilities {csc.get('capabilities')}")
+        if (csc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append("container seccompProfile")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append("service account token mounted")
+        return not problems, "; ".join(problems)
+
+    for label, docs in renders.items():
+        attempt(f"securityContext is restricted ({label})", lambda docs=docs: restricted(docs))
+    attempt("terminationGracePeriodSeconds defaults to 40",
+            lambda: one(base, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 40)
+
+    # Replicas and disruption budget.
+    attempt("replicas set from replicaCount without autoscaling", lambda: one(base, "Deployment")["spec"]["replicas"] == 1)
+    attempt("replicas left to KEDA / the HPA when they scale",
+            lambda: "replicas" not in one(full, "Deployment")["spec"] and "replicas" not in one(existing, "Deployment")["spec"])
+    attempt("PDB: maxUnavailable 1 with one replica", lambda: one(base, "PodDisruptionBudget")["spec"].get("maxUnavailable") == 1
+            and "minAvailable" not in one(base, "PodDisruptionBudget")["spec"])
+    attempt("PDB: minAvailable 1 when at least two replicas are expected", lambda: one(full, "PodDisruptionBudget")["spec"].get("minAvailable") == 1)
+    attempt("PDB: replicaCount 3 without autoscaling gives minAvailable 1",
+            lambda: one(documents(render(chart, {"replicaCount": 3})), "PodDisruptionBudget")["spec"].get("minAvailable") == 1)
+    attempt("PDB: an explicit bound wins", lambda: one(existing, "PodDisruptionBudget")["spec"] .get("maxUnavailable") == "50%")
+
+    # Service and monitoring.
+    attempt("Service exposes port 9464 named admin",
+            lambda: one(base, "Service")["spec"]["ports"] == [{"name": "admin", "port": 9464, "targetPort": "admin", "protocol": "TCP"}])
+    attempt("ServiceMonitor scrapes /metrics on the admin port",
+            lambda: [(e["port"], e["path"]) for e in one(full, "ServiceMonitor")["spec"]["endpoints"]] == [("admin", "/metrics")])
+    attempt("HPA targets the Deployment on CPU",
+            lambda: one(existing, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu")
+
+    # KEDA wiring.
+    def keda_ok() -> tuple[bool, str]:
+        so = one(full, "ScaledObject")
+        ta = one(full, "TriggerAuthentication")
+        trig = so["spec"]["triggers"][0]
+        meta = trig["metadata"]
+        checks = {
+            "type rabbitmq": trig["type"] == "rabbitmq",
+            "mode QueueLength": meta.get("mode") == "QueueLength",
+            "queueName = config.amqp.queue": meta.get("queueName") == full_values["config"]["amqp"]["queue"],
+            "value = keda.queueLength": meta.get("value") == str(full_values["keda"]["queueLength"]),
+            "authenticationRef": trig["authenticationRef"]["name"] == ta["metadata"]["name"],
+            "host from secret amqp-url": ta["spec"]["secretTargetRef"] == [{"parameter": "host", "name": "crisp-bridge", "key": "amqp-url"}],
+            "targets the Deployment": so["spec"]["scaleTargetRef"]["name"] == one(full, "Deployment")["metadata"]["name"],
+        }
+        bad = [k for k, v in checks.items() if not v]
+        return not bad, ", ".join(bad)
+
+    attempt("KEDA ScaledObject: rabbitmq QueueLength on the configured queue, host from the Secret", keda_ok)
+
+    # Secret content.
+    def secret_ok() -> bool:
+        data = one(full, "Secret")["data"]
+        decoded = {k: base64.b64decode(v).decode() for k, v in data.items()}
+        return decoded == {"amqp-url": full_values["secret"]["amqpUrl"], "crisp-identifier": full_values["secret"]["crispIdentifier"],
+                           "crisp-key": full_values["secret"]["crispKey"]}
+
+    attempt("Secret holds amqp-url, crisp-identifier, crisp-key from values", secret_ok)
+
+    # The TOML config.
+    def toml_ok(docs: list[dict[str, Any]], values: dict[str, Any]) -> tuple[bool, str]:
+        cfg = config_toml(docs)
+        problems = []
+        for section_name in ("amqp", "crisp", "delivery", "server", "log"):
+            if section_name not in cfg:
+                problems.append(f"[{section_name}] missing")
+        want_rules = [r["name"] for r in values["rules"]]
+        got_rules = [r.get("name") for r in cfg.get("rules", [])]
+        if got_rules != want_rules:
+            problems.append(f"rules {got_rules} != {want_rules}")
+        if cfg.get("rules") and cfg["rules"] != values["rules"]:
+            problems.append("rules differ from values")
+        for sec, key in (("amqp", "prefetch"), ("delivery", "concurrency"), ("delivery", "max_requests_per_second")):
+            v = cfg.get(sec, {}).get(key)
+            if not isinstance(v, int) or isinstance(v, bool):
+                problems.append(f"{sec}.{key} = {v!r} is not a TOML integer")
+        if "url" in cfg.get("amqp", {}) or {"identifier", "key"} & set(cfg.get("crisp", {})):
+            problems.append("a secret is in the ConfigMap")
+        if cfg.get("server", {}).get("listen") != "0.0.0.0:9464":
+            problems.append(f"server.listen {cfg.get('server', {}).get('listen')}")
+        return not problems, "; ".join(problems)
+
+    attempt("ConfigMap crisp-bridge.toml parses (tomllib), has every section, the rules in order, integers as integers, no secrets",
+            lambda: toml_ok(base, defaults))
+    attempt("same for the full values", lambda: toml_ok(full, full_values))
+
+    def default_rules_ok() -> tuple[bool, str]:
+        rules = {r["name"]: r for r in config_toml(base)["rules"]}
+        trial = rules.get("trial-started", {})
+        order = rules.get("order-created", {})
+        good = (trial == {"name": "trial-started", "routing_key": "trial.#", "people_id": "/email", "text": "trial:started", "color": "green"}
+                and order.get("when") == {"/status": "paid"} and order.get("people_id") == ["/customer/email", "/email"]
+                and order.get("data") == {"order_id": "/id", "total": "/amount/total", "currency": "/amount/currency"})
+        return good, json.dumps(list(rules.values()))
+
+    attempt("default rules: DESIGN's order-created example plus trial-started", default_rules_ok)
+
+    # Checksums roll the pods.
+    def checksum_after(change: Callable[[dict[str, Any]], None], annotation: str) -> tuple[str, str]:
+        values = copy.deepcopy(defaults)
+        before = pod_annotations(documents(render(chart, values)))[annotation]
+        change(values)
+        after = pod_annotations(documents(render(chart, values)))[annotation]
+        return before, after
+
+    def rule_text(v: dict[str, Any]) -> None:
+        v["rules"][1]["text"] = "trial:started:v2"
+
+    def new_rule(v: dict[str, Any]) -> None:
+        v["rules"].append({"name": "signup", "routing_key": "user.signed_up", "people_id": "/email", "text": "user:signup"})
+
+    def new_key(v: dict[str, Any]) -> None:
+        v["secret"]["crispKey"] = "rotated"
+
+    attempt("checksum/config is stable across renders",
+            lambda: pod_annotations(base)["checksum/config"] == pod_annotations(documents(render(chart, None)))["checksum/config"])
+    for label, change in (("a rule's text changes", rule_text), ("a rule is added", new_rule)):
+        attempt(f"checksum/config changes when {label}", lambda change=change: (lambda b, a: (b != a, f"{b} == {a}"))(*checksum_after(change, "checksum/config")))
+    attempt("checksum/config does not change when only the Secret changes",
+            lambda: (lambda b, a: b == a)(*checksum_after(new_key, "checksum/config")))
+    attempt("checksum/secret changes when a credential changes",
+            lambda: (lambda b, a: b != a)(*checksum_after(new_key, "checksum/secret")))
+    attempt("podAnnotations are added next to the checksums",
+            lambda: pod_annotations(full).get("example.com/team") == "growth" and "checksum/config" in pod_annotations(full))
+
+
+def main() -> int:
+    started = time.monotonic()
+    print(f"crisp-bridge chart check: {rel(CHART)}, helm_python {helm.__version__} "
+          f"(Helm {helm.helm_sdk_version()}), Kubernetes schemas {KUBE_VERSION}")
+    value_files = sorted(CI_DIR.glob("*-values.yaml"))
+    invalid_schema = [CI_DIR / "invalid" / "secret-in-config.yaml"]
+    if not value_files:
+        fail(f"no values files in {rel(CI_DIR)}")
+    try:
+        chart = helm.Chart.load(str(CHART))
+    except helm.HelmError as e:
+        fail(f"chart does not load: {e}")
+        chart = None
+    if chart is not None:
+        with chart:
+            check(chart.metadata.get("apiVersion") == "v2" and chart.metadata.get("appVersion") == "0.1.0",
+                  "Chart.yaml: apiVersion v2, appVersion 0.1.0")
+            step_lint(value_files)
+            step_schema(chart, value_files, invalid_schema)
+            renders = step_render(chart, value_files)
+            step_refusals(chart)
+            if renders:
+                step_kubernetes_validate(renders)
+            step_behaviour(chart, renders)
+    elapsed = time.monotonic() - started
+    print()
+    if failures:
+        print("failures:")
+        for f in failures:
+            print(f"  - {f}")
+    status = "FAILED" if failures else "OK"
+    print(f"chart check {status} in {elapsed:.1f}s")
+    # Last line in the plain "N passed, N failed" form CI summaries understand.
+    print(f"chart-check: {passed} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

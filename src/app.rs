@@ -1,0 +1,243 @@
+//! Wiring: admin server, broker session loop, pipeline, and the ordered shutdown.
+
+use crate::admin::{self, Health};
+use crate::broker;
+use crate::config::{redact_url, Config, Validated};
+use crate::crisp::CrispClient;
+use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::telemetry::metrics::{self, Outcome, NO_RULE};
+use futures_util::StreamExt;
+use lapin::options::BasicCancelOptions;
+use lapin::{Channel, Connection, Consumer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait between two broker connection attempts.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why a consuming session ended.
+enum SessionEnd {
+    Shutdown,
+    CrispRefused,
+    BrokerLost(String),
+}
+
+pub struct App {
+    config: Arc<Config>,
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+    admin: TcpListener,
+}
+
+impl App {
+    /// Builds everything that needs no broker: the Crisp client, the pipeline, and the
+    /// bound admin listener (so a port conflict fails before any consuming starts).
+    pub async fn build(validated: Validated) -> anyhow::Result<Self> {
+        let Validated {
+            config,
+            router,
+            listen,
+        } = validated;
+        let client = CrispClient::new(&config.crisp).map_err(anyhow::Error::msg)?;
+        let admin = TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
+        let pipeline = Pipeline::new(
+            router,
+            client,
+            PipelineSettings {
+                delivery: config.delivery.clone(),
+                create_missing_profiles: config.crisp.create_missing_profiles,
+                dead_letter_exchange: config.amqp.dead_letter_exchange.clone(),
+            },
+        );
+        let health = Arc::new(Health::new(Arc::clone(&pipeline.gate)));
+        Ok(Self {
+            config: Arc::new(config),
+            pipeline,
+            health,
+            admin,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops in order: stop consuming, requeue
+    /// what has not started, finish in-flight deliveries within `shutdown_timeout`,
+    /// close the channel and the connection.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let admin_stop = CancellationToken::new();
+        let admin = {
+            let router = admin::router(Arc::clone(&self.health), metrics::install());
+            let stop = admin_stop.clone();
+            let listener = self.admin;
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+        let session = Session {
+            config: Arc::clone(&self.config),
+            pipeline: Arc::clone(&self.pipeline),
+            health: Arc::clone(&self.health),
+        };
+        session.run(&shutdown).await;
+        admin_stop.cancel();
+        if let Ok(Err(e)) = admin.await {
+            tracing::warn!(error = %e, "admin server stopped with an error");
+        }
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+struct Session {
+    config: Arc<Config>,
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+}
+
+impl Session {
+    async fn run(&self, shutdown: &CancellationToken) {
+        let amqp = &self.config.amqp;
+        let mut attempt: u32 = 0;
+        while !shutdown.is_cancelled() {
+            if self.pipeline.gate.is_refused() {
+                self.pipeline.wait_until_crisp_accepts(shutdown).await;
+                continue;
+            }
+            let connected = tokio::select! {
+                c = self.open() => c,
+                _ = shutdown.cancelled() => break,
+            };
+            let (connection, channel, consumer) = match connected {
+                Ok(parts) => parts,
+                Err(e) => {
+                    metrics::broker_connect(false);
+                    self.health.set_broker(false);
+                    let wait =
+                        Duration::from_secs(1u64 << attempt.min(5)).min(MAX_RECONNECT_BACKOFF);
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs(), url = %redact_url(amqp.url.expose()), "cannot consume from RabbitMQ; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            metrics::broker_connect(true);
+            attempt = 0;
+            self.health.set_broker(true);
+            self.health.set_consuming(true);
+            tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
+            let end = self.pump(&channel, consumer, shutdown).await;
+            self.health.set_consuming(false);
+            match end {
+                SessionEnd::Shutdown => {
+                    self.pipeline
+                        .shutdown(self.config.delivery.shutdown_timeout)
+                        .await;
+                    close(&channel, &connection).await;
+                    self.health.set_broker(false);
+                    return;
+                }
+                SessionEnd::CrispRefused => {
+                    // Let held deliveries settle (they requeue at once), then let go of
+                    // the channel so nothing stays reserved for this pod.
+                    self.pipeline.wait_idle().await;
+                    close(&channel, &connection).await;
+                    self.health.set_broker(false);
+                }
+                SessionEnd::BrokerLost(why) => {
+                    self.health.set_broker(false);
+                    tracing::warn!(error = %why, "lost the broker connection; reconnecting (unacked messages return to the queue)");
+                }
+            }
+        }
+        self.pipeline
+            .shutdown(self.config.delivery.shutdown_timeout)
+            .await;
+    }
+
+    async fn open(&self) -> Result<(Connection, Channel, Consumer), broker::BrokerError> {
+        let amqp = &self.config.amqp;
+        let connection = broker::connect(amqp).await?;
+        if amqp.declare {
+            let channel =
+                connection
+                    .create_channel()
+                    .await
+                    .map_err(|source| broker::BrokerError {
+                        what: "opening a channel to declare the topology".into(),
+                        source,
+                    })?;
+            broker::declare_topology(&channel, amqp, &self.pipeline.router().patterns()).await?;
+            let _ = channel.close(200, "topology declared".into()).await;
+        }
+        let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
+        let (channel, consumer) = broker::consume(&connection, amqp, &tag).await?;
+        Ok((connection, channel, consumer))
+    }
+
+    async fn pump(
+        &self,
+        channel: &Channel,
+        mut consumer: Consumer,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+                _ = self.pipeline.gate.refused() => break SessionEnd::CrispRefused,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => self.pipeline.handle(channel.clone(), delivery),
+                    Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
+                    None => return SessionEnd::BrokerLost("the broker cancelled our consumer".into()),
+                },
+            }
+        };
+        // Stop the flow, then hand back what was prefetched but not started.
+        let tag = consumer.tag();
+        if let Err(e) = channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(error = %e, "cancelling the consumer failed; closing the channel will requeue instead");
+        }
+        let mut requeued = 0u32;
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            let _ = broker::settle::requeue_not_now(&delivery).await;
+            metrics::message(NO_RULE, Outcome::Requeued);
+            requeued += 1;
+        }
+        if requeued > 0 {
+            tracing::info!(
+                requeued,
+                "requeued prefetched messages that had not started"
+            );
+        }
+        end
+    }
+}
+
+async fn close(channel: &Channel, connection: &Connection) {
+    let _ = channel.close(200, "crisp-bridge stopping".into()).await;
+    if let Err(e) = connection.close(200, "crisp-bridge stopping".into()).await {
+        tracing::debug!(error = %e, "closing the broker connection");
+    }
+}

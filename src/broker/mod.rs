@@ -1,0 +1,205 @@
+//! Step 1 (and, in [`settle`], step 6): the RabbitMQ side. Connect, declare the
+//! topology, consume with a prefetch window.
+
+pub mod settle;
+
+use crate::config::{AmqpConfig, QueueType};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+
+/// A broker operation that failed, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct BrokerError {
+    pub what: String,
+    #[source]
+    pub source: lapin::Error,
+}
+
+trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError>;
+}
+
+impl<T> Context<T> for Result<T, lapin::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError> {
+        self.map_err(|source| BrokerError {
+            what: what(),
+            source,
+        })
+    }
+}
+
+pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
+    Connection::connect(amqp.url.expose(), properties)
+        .await
+        .context(|| "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".into())
+}
+
+/// Declares the topic exchange, the dead-letter exchange (fanout) and queue, the main
+/// queue with its dead-letter arguments, and one binding per rule pattern. All
+/// declarations are idempotent; a mismatch with an existing queue is reported as is.
+pub async fn declare_topology(
+    channel: &Channel,
+    amqp: &AmqpConfig,
+    patterns: &[&str],
+) -> Result<(), BrokerError> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            amqp.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .context(|| {
+            format!(
+                "declaring topic exchange `{}` (amqp.exchange)",
+                amqp.exchange
+            )
+        })?;
+    channel
+        .exchange_declare(
+            amqp.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .context(|| {
+            format!(
+                "declaring dead-letter exchange `{}`",
+                amqp.dead_letter_exchange
+            )
+        })?;
+    channel
+        .queue_declare(
+            amqp.dead_letter_queue.as_str().into(),
+            durable_queue,
+            queue_type_args(amqp.queue_type),
+        )
+        .await
+        .context(|| format!("declaring dead-letter queue `{}`", amqp.dead_letter_queue))?;
+    channel
+        .queue_bind(
+            amqp.dead_letter_queue.as_str().into(),
+            amqp.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context(|| {
+            format!(
+                "binding `{}` to `{}`",
+                amqp.dead_letter_queue, amqp.dead_letter_exchange
+            )
+        })?;
+    channel
+        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
+        .await
+        .context(|| {
+            format!(
+                "declaring queue `{}` (an existing queue with other arguments must be deleted or amqp.declare set to false)",
+                amqp.queue
+            )
+        })?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                amqp.queue.as_str().into(),
+                amqp.exchange.as_str().into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context(|| {
+                format!(
+                    "binding `{}` to `{}` with `{pattern}`",
+                    amqp.queue, amqp.exchange
+                )
+            })?;
+    }
+    Ok(())
+}
+
+fn queue_type_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    let kind = match queue_type {
+        QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
+    };
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(kind)),
+    );
+    args
+}
+
+/// The main queue's arguments: its type, where the broker dead-letters (the same
+/// exchange our own dead letters go to) and, for quorum queues, the delivery limit
+/// that turns a message that keeps crashing its consumer into a dead letter.
+pub fn main_queue_args(amqp: &AmqpConfig) -> FieldTable {
+    let mut args = queue_type_args(amqp.queue_type);
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(amqp.dead_letter_exchange.as_str())),
+    );
+    if amqp.queue_type == QueueType::Quorum && amqp.delivery_limit > 0 {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(amqp.delivery_limit as i32),
+        );
+    }
+    args
+}
+
+/// Opens a channel with publisher confirms (for dead letters) and the prefetch window,
+/// and starts consuming.
+pub async fn consume(
+    connection: &Connection,
+    amqp: &AmqpConfig,
+    tag: &str,
+) -> Result<(Channel, Consumer), BrokerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context(|| "opening a channel".into())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context(|| "enabling publisher confirms".into())?;
+    channel
+        .basic_qos(amqp.prefetch, BasicQosOptions::default())
+        .await
+        .context(|| format!("setting prefetch {} (amqp.prefetch)", amqp.prefetch))?;
+    let consumer = channel
+        .basic_consume(
+            amqp.queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context(|| {
+            format!(
+                "consuming from `{}` (amqp.queue; does it exist?)",
+                amqp.queue
+            )
+        })?;
+    Ok((channel, consumer))
+}

@@ -1,0 +1,309 @@
+//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `sandbox`.
+
+use crate::config::{self, Problem};
+use crate::crisp::encode_segment;
+use crate::decode::decode;
+use crate::route::{Routed, Router};
+use crate::sandbox::{Sandbox, SandboxOptions};
+use crate::{app::App, telemetry};
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code of `run` when the config is invalid (nothing was started).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit code of `map` when the message would be dead-lettered.
+pub const EXIT_DEAD_LETTER: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "crisp-bridge",
+    version,
+    about = "RabbitMQ domain events -> Crisp people events, acked only after Crisp accepted them"
+)]
+pub struct Cli {
+    /// Config file (else $CRISP_BRIDGE_CONFIG, else ./crisp-bridge.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Consume and deliver (the default)
+    Run,
+    /// Validate the whole config without touching the network
+    Check,
+    /// Print the Crisp request a message would produce, or its outcome; no network
+    Map {
+        /// Routing key the message would arrive with
+        #[arg(long)]
+        routing_key: String,
+        /// Message file, or - for stdin
+        #[arg(default_value = "-")]
+        message: String,
+    },
+    /// Run a local stand-in for the Crisp REST API
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: SocketAddr,
+        #[arg(long, default_value = crate::sandbox::DEFAULT_IDENTIFIER)]
+        identifier: String,
+        #[arg(long, default_value = crate::sandbox::DEFAULT_KEY)]
+        key: String,
+        /// Website ids it serves (repeatable)
+        #[arg(long = "website-id", default_value = crate::sandbox::DEFAULT_WEBSITE_ID)]
+        website_ids: Vec<String>,
+        #[arg(long, default_value = "plugin")]
+        tier: String,
+        /// Accept events for unknown emails (Crisp's behaviour here is unconfirmed; the
+        /// default answers 404 people_not_found)
+        #[arg(long)]
+        auto_create_profiles: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => runtime.block_on(run(cli.config)),
+        Command::Check => check(cli.config),
+        Command::Map {
+            routing_key,
+            message,
+        } => map(cli.config, &routing_key, &message),
+        Command::Sandbox {
+            listen,
+            identifier,
+            key,
+            website_ids,
+            tier,
+            auto_create_profiles,
+        } => {
+            let options = SandboxOptions {
+                identifier,
+                key,
+                tier,
+                website_ids,
+                auto_create_profiles,
+            };
+            runtime.block_on(sandbox(listen, options))
+        }
+    }
+}
+
+fn print_problems(problems: &[Problem]) {
+    eprintln!("config has {} problem(s):", problems.len());
+    for p in problems {
+        eprintln!("  - {p}");
+    }
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let loaded = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match config::validate(loaded) {
+        Ok(v) => {
+            let names: Vec<&str> = v.router.rule_names().collect();
+            println!(
+                "config OK: {} rule(s) ({}); queue `{}` bound to `{}` with {}",
+                names.len(),
+                names.join(", "),
+                v.config.amqp.queue,
+                v.config.amqp.exchange,
+                v.router.patterns().join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            print_problems(&problems);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
+    let loaded = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Only the rules must be valid: `map` is for trying rules without credentials.
+    let router = match Router::compile(&loaded.rules) {
+        Ok(r) => r,
+        Err(problems) => {
+            print_problems(&problems);
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut body = Vec::new();
+    let read = if message == "-" {
+        std::io::stdin().read_to_end(&mut body).map(|_| ())
+    } else {
+        std::fs::read(message).map(|b| body = b)
+    };
+    if let Err(e) = read {
+        eprintln!("error: cannot read message {message}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let routed = decode(&body)
+        .map(|doc| router.route(routing_key, &doc))
+        .unwrap_or_else(Routed::Invalid);
+    match routed {
+        Routed::Event(m) => {
+            let website = loaded.crisp.website_id.as_deref().unwrap_or("{website_id}");
+            println!(
+                "POST {}/website/{}/people/events/{}",
+                loaded.crisp.api_url.trim_end_matches('/'),
+                encode_segment(website),
+                encode_segment(&m.people_id)
+            );
+            println!("Content-Type: application/json");
+            println!("X-Crisp-Tier: {}", loaded.crisp.tier.as_str());
+            println!(
+                "# rule: {}{}",
+                m.rule,
+                if m.stripped > 0 {
+                    format!(", {} secret-looking field(s) stripped", m.stripped)
+                } else {
+                    String::new()
+                }
+            );
+            match serde_json::to_string(&m.event) {
+                Ok(json) => println!("\n{json}"),
+                Err(e) => {
+                    eprintln!("error: cannot serialise the event: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Routed::Unmatched => match loaded.delivery.unmatched {
+            config::Unmatched::Ack => {
+                println!("skipped: no rule matches routing key `{routing_key}` (delivery.unmatched = \"ack\")");
+                ExitCode::SUCCESS
+            }
+            config::Unmatched::DeadLetter => {
+                println!("unmatched: no rule matches routing key `{routing_key}` (delivery.unmatched = \"dead-letter\")");
+                ExitCode::from(EXIT_DEAD_LETTER)
+            }
+        },
+        Routed::Invalid(dl) => {
+            let rule = dl
+                .rule
+                .as_deref()
+                .map(|r| format!(" (rule `{r}`)"))
+                .unwrap_or_default();
+            println!("{}: {}{rule}", dl.reason.code(), dl.detail);
+            ExitCode::from(EXIT_DEAD_LETTER)
+        }
+    }
+}
+
+async fn run(path: Option<PathBuf>) -> ExitCode {
+    let loaded = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init_logging(&loaded.log);
+    let validated = match config::validate(loaded) {
+        Ok(v) => v,
+        Err(problems) => {
+            for p in &problems {
+                tracing::error!(problem = %p, "invalid config");
+            }
+            print_problems(&problems);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let app = match App::build(validated).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(admin = %app.admin_addr(), version = env!("CARGO_PKG_VERSION"), "crisp-bridge starting");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    match app.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
+    telemetry::init_logging(&config::LogConfig {
+        level: "info".into(),
+        format: config::LogFormat::Text,
+    });
+    let sandbox = match Sandbox::start(listen, options).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(api_url = %sandbox.api_url(), events = %format!("http://{}/_sandbox/events", sandbox.addr), "Crisp sandbox listening");
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    stop.cancelled().await;
+    sandbox.stop();
+    ExitCode::SUCCESS
+}
+
+/// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    let mut first = true;
+    loop {
+        if wait_signal().await.is_err() {
+            tracing::warn!("cannot listen for signals; stop with SIGKILL");
+            return;
+        }
+        if first {
+            tracing::info!(
+                "shutdown requested; finishing in-flight messages (signal again to exit at once)"
+            );
+            shutdown.cancel();
+            first = false;
+        } else {
+            tracing::warn!("second signal: exiting now; unacked messages return to the queue");
+            std::process::exit(130);
+        }
+    }
+}
+
+async fn wait_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

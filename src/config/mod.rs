@@ -1,0 +1,345 @@
+//! Typed configuration: built-in defaults, then the TOML file, then `CRISP_BRIDGE_*`
+//! environment variables (`__` between levels). Unknown keys are refused.
+//! [`validate`] checks everything that can be checked before touching the network.
+
+mod secret;
+mod validate;
+
+pub use secret::{redact_url, Secret};
+pub use validate::{validate, Problem, Validated};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file read when neither `--config` nor `$CRISP_BRIDGE_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "crisp-bridge.toml";
+pub const ENV_PREFIX: &str = "CRISP_BRIDGE_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("config file {0} does not exist; pass --config with an existing file or unset CRISP_BRIDGE_CONFIG")]
+    Missing(PathBuf),
+    #[error("config is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Loads the config: `explicit` (from `--config`), else `$CRISP_BRIDGE_CONFIG`, else
+/// `crisp-bridge.toml` if present, then environment overrides.
+pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
+    let from_env = std::env::var_os("CRISP_BRIDGE_CONFIG").map(PathBuf::from);
+    let named = explicit.map(Path::to_path_buf).or(from_env);
+    let mut figment = Figment::new();
+    match named {
+        Some(path) if !path.is_file() => return Err(LoadError::Missing(path)),
+        Some(path) => figment = figment.merge(Toml::file_exact(path)),
+        // Without a named file, the default file is optional: defaults and env may suffice.
+        None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+            figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+        }
+        None => {}
+    }
+    figment = figment.merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            // CRISP_BRIDGE_CONFIG names the file; it is not a key.
+            .ignore(&["config"]),
+    );
+    figment
+        .extract::<Config>()
+        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
+}
+
+/// Loads from a TOML string plus the environment; used by tests and `check`.
+pub fn from_toml_str(toml: &str) -> Result<Config, LoadError> {
+    Figment::new()
+        .merge(Toml::string(toml))
+        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
+        .extract::<Config>()
+        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .map(|s| format!(" (from {s})"))
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("key `{key}`: {}{source}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub crisp: CrispConfig,
+    pub delivery: DeliveryConfig,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    /// Routing rules, tried in order; the first whose routing key pattern and `when` match wins.
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+/// The RabbitMQ side.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// AMQP URL, password included; usually from `CRISP_BRIDGE_AMQP__URL`. Never logged.
+    pub url: Secret,
+    /// Topic exchange the rules' routing keys bind to.
+    pub exchange: String,
+    /// Durable queue this consumer reads (shared by every pod).
+    pub queue: String,
+    /// `quorum` (recommended) or `classic`.
+    pub queue_type: QueueType,
+    /// Messages the broker hands to one pod before it acks any.
+    pub prefetch: u16,
+    /// Declare exchange, queue, bindings and dead-letter topology at start.
+    pub declare: bool,
+    /// Durable fanout exchange dead letters are published to.
+    pub dead_letter_exchange: String,
+    /// Queue bound to the dead-letter exchange.
+    pub dead_letter_queue: String,
+    /// Quorum queues: deliveries after which the broker dead-letters a message that keeps
+    /// coming back (a crash or hang while handling it). 0 leaves the broker's default.
+    pub delivery_limit: u32,
+    /// The broker's `consumer_timeout` (RabbitMQ's default is 30 minutes): a delivery held
+    /// longer closes the channel, so `delivery.max_retry_time` must stay well below it.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub consumer_timeout: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "domain-events".into(),
+            queue: "crisp-bridge".into(),
+            queue_type: QueueType::Quorum,
+            prefetch: 64,
+            declare: true,
+            dead_letter_exchange: "crisp-bridge.dlx".into(),
+            dead_letter_queue: "crisp-bridge.dead".into(),
+            delivery_limit: 20,
+            consumer_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Plugin,
+    Website,
+    User,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Plugin => "plugin",
+            Tier::Website => "website",
+            Tier::User => "user",
+        }
+    }
+}
+
+/// The Crisp side.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CrispConfig {
+    /// The Crisp website (UUID) the events are added to.
+    pub website_id: Option<String>,
+    /// Token identifier; usually from `CRISP_BRIDGE_CRISP__IDENTIFIER`.
+    pub identifier: Option<Secret>,
+    /// Token key; usually from `CRISP_BRIDGE_CRISP__KEY`. Never logged.
+    pub key: Option<Secret>,
+    /// Base URL of the REST API, up to and including `/v1`.
+    pub api_url: String,
+    /// Token tier sent as `X-Crisp-Tier`.
+    pub tier: Tier,
+    /// Timeout of one Crisp request.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// On 404 `people_not_found` for an email: create the profile, then send the event once more.
+    pub create_missing_profiles: bool,
+}
+
+impl Default for CrispConfig {
+    fn default() -> Self {
+        Self {
+            website_id: None,
+            identifier: None,
+            key: None,
+            api_url: "https://api.crisp.chat/v1".into(),
+            tier: Tier::Plugin,
+            timeout: Duration::from_secs(10),
+            create_missing_profiles: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmatched {
+    Ack,
+    DeadLetter,
+}
+
+/// How events are delivered to Crisp.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Crisp requests in flight at most.
+    pub concurrency: usize,
+    /// Client-side request rate limit; 0 means none.
+    pub max_requests_per_second: f64,
+    /// First retry delay; doubles each attempt (full jitter).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub initial_backoff: Duration,
+    /// Cap of one retry delay (a longer `Retry-After` is still honoured).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_backoff: Duration,
+    /// Retry budget of one message; then it is requeued, never dropped.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_retry_time: Duration,
+    /// Messages no rule matches: `ack` or `dead-letter`.
+    pub unmatched: Unmatched,
+    /// Time in-flight messages get to finish on SIGTERM before they are requeued.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub shutdown_timeout: Duration,
+    /// How long the `message_id` of a delivered message is remembered, so a redelivery
+    /// to this pod is acked without posting it twice. "0s" turns this off.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub dedup_window: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 32,
+            max_requests_per_second: 0.0,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            max_retry_time: Duration::from_secs(300),
+            unmatched: Unmatched::Ack,
+            shutdown_timeout: Duration::from_secs(25),
+            dedup_window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the admin server listens on.
+    pub listen: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal, readable text otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Level or `tracing` filter (`info`, `crisp_bridge=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+    /// `auto`, `json` or `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+/// One JSON pointer, or pointers tried in order.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Pointers {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Pointers {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Pointers::One(p) => std::slice::from_ref(p),
+            Pointers::Many(v) => v,
+        }
+    }
+}
+
+/// A routing rule: which messages it takes and the Crisp event it makes of them.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name, used in logs, metrics and the `x-crisp-bridge-rule` header.
+    pub name: String,
+    /// AMQP topic pattern: `*` one word, `#` zero or more.
+    pub routing_key: String,
+    /// JSON pointer -> required value (exact JSON equality).
+    #[serde(default)]
+    pub when: BTreeMap<String, serde_json::Value>,
+    /// Where the Crisp people id (email or profile UUID) is found.
+    pub people_id: Pointers,
+    /// Event text: literal, or with `{/pointer}` placeholders.
+    pub text: String,
+    /// One of Crisp's ten colors.
+    #[serde(default)]
+    pub color: Option<String>,
+    /// Event data: output key -> JSON pointer.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}

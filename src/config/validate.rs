@@ -1,0 +1,279 @@
+//! Everything that can be checked before touching the network, all problems at once.
+
+use super::{Config, Secret};
+use crate::route::Router;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// One configuration problem: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `rules[2] `order-created`` for a rule, empty otherwise.
+    pub rule: String,
+    /// The key, like `color` or `crisp.website_id`.
+    pub key: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn global(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            rule: String::new(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn rule(index: usize, name: &str, key: &str, message: impl Into<String>) -> Self {
+        Self {
+            rule: format!("rules[{index}] `{name}`"),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.rule.is_empty() {
+            write!(f, "{}: {}", self.key, self.message)
+        } else {
+            write!(f, "{} {}: {}", self.rule, self.key, self.message)
+        }
+    }
+}
+
+/// A config that passed validation, with what validation produced.
+#[derive(Debug)]
+pub struct Validated {
+    pub config: Config,
+    pub router: Router,
+    pub listen: SocketAddr,
+}
+
+/// Validates the whole config without touching the network.
+pub fn validate(config: Config) -> Result<Validated, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut bad = |key: &str, message: String| problems.push(Problem::global(key, message));
+
+    let amqp = &config.amqp;
+    let url = amqp.url.expose();
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        // Never echo the URL: it holds the password.
+        bad(
+            "amqp.url",
+            "must start with amqp:// or amqps:// (set it with CRISP_BRIDGE_AMQP__URL)".into(),
+        );
+    }
+    for (key, value) in [
+        ("amqp.exchange", &amqp.exchange),
+        ("amqp.queue", &amqp.queue),
+        ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
+        ("amqp.dead_letter_queue", &amqp.dead_letter_queue),
+    ] {
+        if value.trim().is_empty() {
+            bad(key, "is empty; name it".into());
+        }
+    }
+    if amqp.queue == amqp.dead_letter_queue {
+        bad(
+            "amqp.dead_letter_queue",
+            "must differ from amqp.queue, or dead letters would loop".into(),
+        );
+    }
+    if amqp.prefetch == 0 {
+        bad(
+            "amqp.prefetch",
+            "is 0, which means unlimited to RabbitMQ; use 1 or more (64 is a good start)".into(),
+        );
+    }
+
+    let crisp = &config.crisp;
+    match crisp.website_id.as_deref() {
+        None | Some("") => bad(
+            "crisp.website_id",
+            "is missing; set it to your Crisp website id (a UUID)".into(),
+        ),
+        Some(id) if uuid::Uuid::try_parse(id).is_err() => bad(
+            "crisp.website_id",
+            format!("`{id}` is not a UUID; copy it from Crisp's website settings"),
+        ),
+        Some(_) => {}
+    }
+    let missing = |s: &Option<Secret>| s.as_ref().is_none_or(Secret::is_blank);
+    if missing(&crisp.identifier) {
+        bad(
+            "crisp.identifier",
+            "is missing; set CRISP_BRIDGE_CRISP__IDENTIFIER to the token identifier".into(),
+        );
+    }
+    if missing(&crisp.key) {
+        bad(
+            "crisp.key",
+            "is missing; set CRISP_BRIDGE_CRISP__KEY to the token key".into(),
+        );
+    }
+    if !(crisp.api_url.starts_with("http://") || crisp.api_url.starts_with("https://"))
+        || reqwest::Url::parse(&crisp.api_url).is_err()
+    {
+        bad(
+            "crisp.api_url",
+            format!("`{}` is not an http(s) URL", crisp.api_url),
+        );
+    }
+    if crisp.timeout.is_zero() {
+        bad("crisp.timeout", "is 0; use something like \"10s\"".into());
+    }
+
+    let d = &config.delivery;
+    if d.concurrency == 0 {
+        bad(
+            "delivery.concurrency",
+            "is 0; at least one request must be allowed in flight".into(),
+        );
+    }
+    if !d.max_requests_per_second.is_finite() || d.max_requests_per_second < 0.0 {
+        bad(
+            "delivery.max_requests_per_second",
+            "must be 0 (no limit) or a positive number".into(),
+        );
+    }
+    if d.initial_backoff.is_zero() {
+        bad(
+            "delivery.initial_backoff",
+            "is 0; use something like \"500ms\"".into(),
+        );
+    }
+    if d.max_backoff < d.initial_backoff {
+        bad(
+            "delivery.max_backoff",
+            "is shorter than delivery.initial_backoff".into(),
+        );
+    }
+    // A delivery held past the broker's consumer timeout closes the whole channel, so
+    // keep the retry budget (plus a request in flight) well under it.
+    let limit = amqp.consumer_timeout / 2;
+    if d.max_retry_time + crisp.timeout > limit {
+        bad(
+            "delivery.max_retry_time",
+            format!(
+                "{} plus crisp.timeout must stay under half of amqp.consumer_timeout ({}), or RabbitMQ closes the channel holding the message",
+                humantime::format_duration(d.max_retry_time),
+                humantime::format_duration(amqp.consumer_timeout)
+            ),
+        );
+    }
+
+    let listen = config.server.listen.parse::<SocketAddr>().map_err(|_| {
+        bad(
+            "server.listen",
+            format!(
+                "`{}` is not an address like 0.0.0.0:9464",
+                config.server.listen
+            ),
+        )
+    });
+    if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
+        bad(
+            "log.level",
+            format!(
+                "`{}` is not a level (error, warn, info, debug, trace) or filter",
+                config.log.level
+            ),
+        );
+    }
+
+    let router = Router::compile(&config.rules).map_err(|p| problems.extend(p));
+    match (router, listen) {
+        (Ok(router), Ok(listen)) if problems.is_empty() => Ok(Validated {
+            config,
+            router,
+            listen,
+        }),
+        _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::from_toml_str;
+
+    const OK: &str = r##"
+        [crisp]
+        website_id = "04ed9a29-ccda-4f46-b2f3-b151d2d90fa7"
+        identifier = "id"
+        key = "k"
+        [[rules]]
+        name = "r"
+        routing_key = "#"
+        people_id = "/email"
+        text = "x"
+    "##;
+
+    #[test]
+    fn a_complete_config_validates() {
+        let v = validate(from_toml_str(OK).unwrap()).unwrap();
+        assert_eq!(v.router.patterns(), vec!["#"]);
+        assert_eq!(v.listen.port(), 9464);
+    }
+
+    #[test]
+    fn every_global_problem_is_listed() {
+        let cfg = from_toml_str(
+            r##"
+            [amqp]
+            url = "http://user:topsecret@host"
+            prefetch = 0
+            [crisp]
+            website_id = "nope"
+            api_url = "ftp://x"
+            [delivery]
+            max_retry_time = "20m"
+            concurrency = 0
+            [server]
+            listen = "nowhere"
+            "##,
+        )
+        .unwrap();
+        let text = validate(cfg)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        for key in [
+            "amqp.url",
+            "amqp.prefetch",
+            "crisp.website_id",
+            "crisp.identifier",
+            "crisp.key",
+            "crisp.api_url",
+            "delivery.max_retry_time",
+            "delivery.concurrency",
+            "server.listen",
+            "rules",
+        ] {
+            assert!(
+                text.contains(&format!("{key}:")),
+                "missing {key} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("topsecret"),
+            "the URL password leaked: {text}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused() {
+        let err = from_toml_str("[delivery]\nconcurency = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("concurency"), "{err}");
+        let err = from_toml_str("[delivery]\nmax_backoff = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.max_backoff"), "{err}");
+    }
+}

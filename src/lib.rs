@@ -1,0 +1,34 @@
+//! crisp-bridge consumes domain events from RabbitMQ and adds them to Crisp profiles as
+//! people events, acknowledging each message only after Crisp accepted it.
+//!
+//! ```text
+//!  broker ──▶ decode ──▶ route ──▶ map ──▶ deliver ──▶ settle
+//!  (lapin)    (JSON)     (rules)   (event)  (Crisp)     (ack | dead-letter | requeue)
+//! ```
+//!
+//! | step | module |
+//! |---|---|
+//! | 1 consume: connect, topology, prefetch | [`broker`] |
+//! | 2 bytes -> JSON object | [`decode`] |
+//! | 3-4 first matching rule -> Crisp event | [`route`] (pure, compiled at start-up) |
+//! | 5 Crisp client: auth, encoding, classification | [`crisp`] |
+//! | 6 ack / dead-letter / requeue | [`broker::settle`] |
+//! | results -> dispositions, per-person order, retries | [`pipeline`] |
+//!
+//! Around them: [`config`] (figment layering, validation), [`app`] (wiring, ordered
+//! shutdown), [`admin`] (`/healthz` `/readyz` `/metrics`), [`telemetry`] (logs and
+//! metric names), [`sandbox`] (a local Crisp for trying rules and for tests), and
+//! [`outcome`] (reason codes and dispositions shared by every step).
+
+pub mod admin;
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod crisp;
+pub mod decode;
+pub mod outcome;
+pub mod pipeline;
+pub mod route;
+pub mod sandbox;
+pub mod telemetry;

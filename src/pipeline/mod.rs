@@ -1,0 +1,362 @@
+//! The one place that turns each step's result into a [`Disposition`], and runs
+//! deliveries: per-person order, bounded concurrency, retries with backoff.
+//!
+//! decode -> route/map -> (lane per people id) -> deliver with retries -> settle
+
+mod dedup;
+mod gate;
+mod lanes;
+mod pace;
+
+pub use gate::CrispGate;
+
+use crate::broker::settle::{settle, Settled};
+use crate::config::{DeliveryConfig, Unmatched};
+use crate::crisp::{CrispClient, Failure};
+use crate::decode::decode;
+use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason, RequeueKind};
+use crate::route::{Mapped, Routed, Router};
+use crate::telemetry::metrics::{self, Outcome, NO_RULE};
+use dedup::Dedup;
+use lanes::Lanes;
+use lapin::message::Delivery;
+use lapin::Channel;
+use pace::{backoff, Pace};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A delivery and everything needed to settle it.
+struct Job {
+    channel: Channel,
+    delivery: Delivery,
+    mapped: Mapped,
+}
+
+/// Settings the pipeline needs besides the delivery section.
+pub struct PipelineSettings {
+    pub delivery: DeliveryConfig,
+    pub create_missing_profiles: bool,
+    pub dead_letter_exchange: String,
+}
+
+pub struct Pipeline {
+    router: Router,
+    client: CrispClient,
+    settings: PipelineSettings,
+    permits: Semaphore,
+    pace: Pace,
+    lanes: Lanes<Job>,
+    dedup: Dedup,
+    pub gate: Arc<CrispGate>,
+    tasks: TaskTracker,
+    /// Shutdown began: start nothing new, requeue what waits.
+    stopping: CancellationToken,
+    /// `shutdown_timeout` passed: abandon requests in flight and requeue them.
+    abandon: CancellationToken,
+}
+
+impl Pipeline {
+    pub fn new(router: Router, client: CrispClient, settings: PipelineSettings) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Semaphore::new(settings.delivery.concurrency),
+            pace: Pace::new(settings.delivery.max_requests_per_second),
+            dedup: Dedup::new(settings.delivery.dedup_window),
+            router,
+            client,
+            settings,
+            lanes: Lanes::default(),
+            gate: Arc::new(CrispGate::default()),
+            tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+        })
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Takes one delivery from the consumer. Never blocks on Crisp: deliveries run on
+    /// their person's lane.
+    pub fn handle(self: &Arc<Self>, channel: Channel, delivery: Delivery) {
+        let decision = decode(&delivery.data)
+            .map(|doc| self.router.route(delivery.routing_key.as_str(), &doc))
+            .unwrap_or_else(Routed::Invalid);
+        let mapped = match decision {
+            Routed::Event(mapped) => mapped,
+            Routed::Unmatched => {
+                let disposition = match self.settings.delivery.unmatched {
+                    Unmatched::Ack => Disposition::Ack { delivered: false },
+                    Unmatched::DeadLetter => Disposition::DeadLetter(DeadLetter::new(
+                        Reason::Unmatched,
+                        format!("no rule matches routing key `{}`", delivery.routing_key),
+                        None,
+                    )),
+                };
+                return self.settle_in_background(channel, delivery, NO_RULE.into(), disposition);
+            }
+            Routed::Invalid(dl) => {
+                let rule = dl.rule.clone().unwrap_or_else(|| NO_RULE.into());
+                return self.settle_in_background(
+                    channel,
+                    delivery,
+                    rule,
+                    Disposition::DeadLetter(dl),
+                );
+            }
+        };
+        if let Some(id) = delivery.properties.message_id() {
+            if self.dedup.seen(id.as_str()) {
+                metrics::duplicate_suppressed();
+                tracing::info!(rule = %mapped.rule, "message_id already delivered by this pod; acking the redelivery without posting it again");
+                let rule = mapped.rule.to_string();
+                return self.settle_in_background(
+                    channel,
+                    delivery,
+                    rule,
+                    Disposition::Ack { delivered: false },
+                );
+            }
+        }
+        metrics::fields_stripped(&mapped.rule, mapped.stripped);
+        let key = mapped.people_id.clone();
+        let job = Job {
+            channel,
+            delivery,
+            mapped,
+        };
+        if let Some(first) = self.lanes.push(&key, job) {
+            let this = Arc::clone(self);
+            self.tasks
+                .spawn(async move { this.run_lane(key, first).await });
+        }
+    }
+
+    fn settle_in_background(
+        self: &Arc<Self>,
+        channel: Channel,
+        delivery: Delivery,
+        rule: String,
+        disposition: Disposition,
+    ) {
+        let this = Arc::clone(self);
+        self.tasks
+            .spawn(async move { this.finish(&channel, &delivery, &rule, disposition).await });
+    }
+
+    async fn run_lane(self: Arc<Self>, key: String, first: Job) {
+        let mut job = first;
+        loop {
+            let disposition = if self.stopping.is_cancelled() || self.gate.is_refused() {
+                Disposition::Requeue(RequeueKind::NotNow)
+            } else {
+                self.deliver(&job.mapped).await
+            };
+            if matches!(disposition, Disposition::Ack { delivered: true }) {
+                if let Some(id) = job.delivery.properties.message_id() {
+                    self.dedup.remember(id.as_str());
+                }
+            }
+            self.finish(&job.channel, &job.delivery, &job.mapped.rule, disposition)
+                .await;
+            match self.lanes.next(&key) {
+                Some(next) => job = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Sends one event, retrying transient failures until `max_retry_time`.
+    async fn deliver(&self, mapped: &Mapped) -> Disposition {
+        let d = &self.settings.delivery;
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let mut created_profile = false;
+        loop {
+            let result = {
+                let Some(_permit) = self.acquire().await else {
+                    return Disposition::Requeue(RequeueKind::NotNow);
+                };
+                self.pace.wait_turn().await;
+                if self.gate.is_refused() {
+                    return Disposition::Requeue(RequeueKind::NotNow);
+                }
+                metrics::in_flight(1.0);
+                let result = tokio::select! {
+                    r = self.client.add_event(&mapped.people_id, &mapped.event) => Some(r),
+                    _ = self.abandon.cancelled() => None,
+                };
+                metrics::in_flight(-1.0);
+                match result {
+                    Some(r) => r,
+                    None => return Disposition::Requeue(RequeueKind::NotNow),
+                }
+            };
+            let error = match result {
+                Ok(()) => return Disposition::Ack { delivered: true },
+                Err(e) => e,
+            };
+            let who = mask_people_id(&mapped.people_id);
+            match error.failure {
+                Failure::Rejected => {
+                    return Disposition::DeadLetter(DeadLetter::new(
+                        Reason::CrispRejected,
+                        error.message,
+                        Some(&mapped.rule),
+                    ))
+                }
+                Failure::PeopleNotFound
+                    if self.settings.create_missing_profiles
+                        && !created_profile
+                        && mapped.people_id.contains('@') =>
+                {
+                    created_profile = true;
+                    match self.client.create_profile(&mapped.people_id).await {
+                        Ok(()) => {
+                            tracing::info!(rule = %mapped.rule, people_id = %who, "created the missing Crisp profile; sending the event once more");
+                            continue;
+                        }
+                        Err(e) if e.failure == Failure::Refused => return self.refused(&e.message),
+                        Err(e) => {
+                            tracing::warn!(rule = %mapped.rule, people_id = %who, error = %e, "could not create the missing Crisp profile");
+                            return Disposition::DeadLetter(DeadLetter::new(
+                                Reason::PeopleNotFound,
+                                format!("no Crisp profile for {who}, and creating it failed: {e}"),
+                                Some(&mapped.rule),
+                            ));
+                        }
+                    }
+                }
+                Failure::PeopleNotFound => {
+                    let hint = if self.settings.create_missing_profiles {
+                        "and it cannot be created (only emails can)"
+                    } else {
+                        "set crisp.create_missing_profiles = true to create it"
+                    };
+                    return Disposition::DeadLetter(DeadLetter::new(
+                        Reason::PeopleNotFound,
+                        format!("Crisp has no profile for {who}; {hint}"),
+                        Some(&mapped.rule),
+                    ));
+                }
+                Failure::Refused => return self.refused(&error.message),
+                Failure::Transient | Failure::RateLimited => {
+                    let wait =
+                        backoff(attempt, d.initial_backoff, d.max_backoff, error.retry_after);
+                    if error.failure == Failure::RateLimited {
+                        self.pace.pause_for(wait);
+                    }
+                    if started.elapsed() + wait > d.max_retry_time {
+                        tracing::warn!(rule = %mapped.rule, people_id = %who, attempts = attempt + 1, error = %error, "giving up for now after max_retry_time; requeueing");
+                        // A rate limit is "not now"; anything else counts toward the delivery limit.
+                        let kind = if error.failure == Failure::RateLimited {
+                            RequeueKind::NotNow
+                        } else {
+                            RequeueKind::RetriesExhausted
+                        };
+                        return Disposition::Requeue(kind);
+                    }
+                    tracing::debug!(rule = %mapped.rule, people_id = %who, attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
+                    metrics::retry();
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stopping.cancelled() => return Disposition::Requeue(RequeueKind::NotNow),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::select! {
+            permit = self.permits.acquire() => permit.ok(),
+            _ = self.stopping.cancelled() => None,
+        }
+    }
+
+    fn refused(&self, message: &str) -> Disposition {
+        if self.gate.refuse() {
+            tracing::error!(error = message, "Crisp refuses our requests; pausing consumption until it accepts again (nothing is dead-lettered)");
+        }
+        Disposition::Requeue(RequeueKind::NotNow)
+    }
+
+    async fn finish(
+        &self,
+        channel: &Channel,
+        delivery: &Delivery,
+        rule: &str,
+        disposition: Disposition,
+    ) {
+        let settled = settle(
+            channel,
+            &self.settings.dead_letter_exchange,
+            delivery,
+            &disposition,
+        )
+        .await;
+        let outcome = match (&disposition, settled) {
+            (_, Settled::DeadLetterFailed) => Outcome::Requeued,
+            (Disposition::Ack { delivered: true }, _) => Outcome::Delivered,
+            (Disposition::Ack { delivered: false }, _) => Outcome::Skipped,
+            (Disposition::DeadLetter(dl), _) => {
+                metrics::dead_letter(rule, dl.reason.code());
+                tracing::warn!(reason = dl.reason.code(), rule, detail = %dl.detail, "dead-lettered a message");
+                Outcome::DeadLettered
+            }
+            (Disposition::Requeue(_), _) => Outcome::Requeued,
+        };
+        metrics::message(rule, outcome);
+    }
+
+    /// Probes Crisp with backoff (capped at 30 s) until it accepts our credentials again.
+    pub async fn wait_until_crisp_accepts(&self, stop: &CancellationToken) {
+        let mut delay = Duration::from_millis(500);
+        while self.gate.is_refused() {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return,
+            }
+            match self.client.probe().await {
+                Ok(()) => {
+                    tracing::info!("Crisp accepts our requests again; resuming consumption");
+                    self.gate.accept();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, next_probe_s = (delay * 2).min(Duration::from_secs(30)).as_secs(), "Crisp still refuses us");
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Waits until nothing is running (used before closing a channel we stop consuming on).
+    pub async fn wait_idle(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.tasks.reopen();
+    }
+
+    /// Stops taking work: deliveries waiting in lanes are requeued, in-flight ones get
+    /// `timeout` to finish, then they are abandoned and requeued.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.stopping.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout_s = timeout.as_secs_f64(),
+                "in-flight deliveries did not finish in shutdown_timeout; requeueing them"
+            );
+            self.abandon.cancel();
+            self.tasks.wait().await;
+        }
+    }
+}

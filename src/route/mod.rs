@@ -1,0 +1,469 @@
+//! Steps 3 and 4: pick the first rule that matches a decoded message (`route`) and
+//! make the Crisp event of it (`map`). Rules are compiled once at start-up; nothing
+//! here parses a rule at message time, and nothing here does I/O.
+
+pub mod map;
+pub mod pattern;
+pub mod pointer;
+pub mod template;
+
+pub use map::CrispEvent;
+
+use crate::config::{Problem, RuleConfig};
+use crate::outcome::{mask_people_id, DeadLetter, Reason};
+use map::{check_people_id, clamp_text, insert_flat, MAX_TEXT_CHARS};
+use pattern::TopicPattern;
+use pointer::{is_secret_looking, Pointer};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use template::Template;
+
+pub const COLORS: [&str; 10] = [
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "grey", "black",
+];
+
+#[derive(Debug)]
+struct Rule {
+    name: Arc<str>,
+    pattern: TopicPattern,
+    when: Vec<(Pointer, Value)>,
+    people_id: Vec<Pointer>,
+    text: Template,
+    color: Option<String>,
+    data: Vec<(String, Pointer)>,
+}
+
+/// The compiled, ordered rules.
+#[derive(Debug)]
+pub struct Router {
+    rules: Vec<Rule>,
+}
+
+/// A message that a rule turned into a Crisp event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub rule: Arc<str>,
+    pub people_id: String,
+    pub event: CrispEvent,
+    /// Secret-looking keys removed from selected objects.
+    pub stripped: usize,
+}
+
+/// What routing decided for one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Routed {
+    Event(Mapped),
+    /// No rule's pattern and `when` matched.
+    Unmatched,
+    /// A rule matched but the message cannot make a valid event.
+    Invalid(DeadLetter),
+}
+
+impl Router {
+    /// Compiles every rule, collecting all problems instead of stopping at the first.
+    pub fn compile(rules: &[RuleConfig]) -> Result<Self, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut compiled = Vec::new();
+        let mut names = HashSet::new();
+        if rules.is_empty() {
+            problems.push(Problem::global(
+                "rules",
+                "no [[rules]] are configured: every message would be unmatched; add at least one rule",
+            ));
+        }
+        for (index, rule) in rules.iter().enumerate() {
+            let mut at = |key: &str, message: String| {
+                problems.push(Problem::rule(index, &rule.name, key, message))
+            };
+            if rule.name.trim().is_empty() {
+                at("name", "is empty; give every rule a unique name".into());
+            } else if !names.insert(rule.name.as_str()) {
+                at(
+                    "name",
+                    format!(
+                        "`{}` is used by an earlier rule; names must be unique",
+                        rule.name
+                    ),
+                );
+            }
+            let pattern = TopicPattern::parse(&rule.routing_key)
+                .map_err(|e| at("routing_key", e))
+                .ok();
+            let when: Vec<_> = rule
+                .when
+                .iter()
+                .filter_map(|(p, v)| {
+                    Pointer::parse(p)
+                        .map_err(|e| at(&format!("when.\"{p}\""), e))
+                        .ok()
+                        .map(|p| (p, v.clone()))
+                })
+                .collect();
+            let pointers = rule.people_id.as_slice();
+            if pointers.is_empty() {
+                at(
+                    "people_id",
+                    "is an empty list; name at least one JSON pointer".into(),
+                );
+            }
+            let people_id: Vec<_> = pointers
+                .iter()
+                .filter_map(|p| Pointer::parse(p).map_err(|e| at("people_id", e)).ok())
+                .collect();
+            let text = Template::parse(&rule.text).map_err(|e| at("text", e)).ok();
+            if let Some(t) = &text {
+                if t.pointers().next().is_none() && rule.text.trim().is_empty() {
+                    at(
+                        "text",
+                        "is empty; Crisp needs a short text like `order:created`".into(),
+                    );
+                }
+                if t.literal_len() > MAX_TEXT_CHARS {
+                    at(
+                        "text",
+                        format!(
+                            "is longer than {MAX_TEXT_CHARS} characters; keep event texts short"
+                        ),
+                    );
+                }
+            }
+            if let Some(color) = &rule.color {
+                if !COLORS.contains(&color.as_str()) {
+                    at(
+                        "color",
+                        format!(
+                            "`{color}` is not a Crisp color; use one of {}",
+                            COLORS.join(", ")
+                        ),
+                    );
+                }
+            }
+            let mut data = Vec::new();
+            for (key, p) in &rule.data {
+                if key.trim().is_empty() {
+                    at("data", "has an empty key".into());
+                    continue;
+                }
+                if is_secret_looking(key) {
+                    at(
+                        &format!("data.{key}"),
+                        "looks like a secret; secrets are never sent to Crisp, remove this key"
+                            .into(),
+                    );
+                    continue;
+                }
+                match Pointer::parse(p) {
+                    Err(e) => at(&format!("data.{key}"), e),
+                    Ok(ptr) => match secret_token(&ptr) {
+                        Some(t) => at(
+                            &format!("data.{key}"),
+                            format!("`{p}` selects `{t}`, which looks like a secret; secrets are never sent to Crisp"),
+                        ),
+                        None => data.push((key.clone(), ptr)),
+                    },
+                }
+            }
+            if let (Some(pattern), Some(text)) = (pattern, text) {
+                compiled.push(Rule {
+                    name: Arc::from(rule.name.as_str()),
+                    pattern,
+                    when,
+                    people_id,
+                    text,
+                    color: rule.color.clone(),
+                    data,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self { rules: compiled })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Distinct routing key patterns, in rule order: one queue binding each.
+    pub fn patterns(&self) -> Vec<&str> {
+        let mut seen = HashSet::new();
+        self.rules
+            .iter()
+            .map(|r| r.pattern.as_str())
+            .filter(|p| seen.insert(*p))
+            .collect()
+    }
+
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| &*r.name)
+    }
+
+    /// Routes and maps one decoded message.
+    pub fn route(&self, routing_key: &str, doc: &Value) -> Routed {
+        let Some(rule) = self.rules.iter().find(|r| {
+            r.pattern.matches(routing_key)
+                && r.when
+                    .iter()
+                    .all(|(p, v)| doc.pointer(p.as_str()) == Some(v))
+        }) else {
+            return Routed::Unmatched;
+        };
+        match map_with(rule, doc) {
+            Ok(m) => Routed::Event(m),
+            Err((reason, detail)) => {
+                Routed::Invalid(DeadLetter::new(reason, detail, Some(&rule.name)))
+            }
+        }
+    }
+}
+
+fn map_with(rule: &Rule, doc: &Value) -> Result<Mapped, (Reason, String)> {
+    let tried = || {
+        rule.people_id
+            .iter()
+            .map(Pointer::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let found = rule
+        .people_id
+        .iter()
+        .find_map(|p| p.find(doc).map(|v| (p, v)))
+        .ok_or_else(|| {
+            (
+                Reason::PeopleIdMissing,
+                format!("no people id at {}", tried()),
+            )
+        })?;
+    let people_id = match found.1 {
+        Value::String(s) => s.clone(),
+        other => {
+            return Err((
+                Reason::InvalidPeopleId,
+                format!(
+                    "people id at {} is a {} , not a string",
+                    found.0.as_str(),
+                    json_type(other)
+                ),
+            ))
+        }
+    };
+    check_people_id(&people_id).map_err(|why| {
+        (
+            Reason::InvalidPeopleId,
+            format!(
+                "people id `{}` at {} {why}",
+                mask_people_id(&people_id),
+                found.0.as_str()
+            ),
+        )
+    })?;
+    let text = rule.text.render(doc).map_err(|m| {
+        let what = if m.found_structure {
+            "an object or array"
+        } else {
+            "nothing"
+        };
+        (
+            Reason::TemplateValueMissing,
+            format!("text placeholder {{{}}} found {what}", m.pointer),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err((Reason::EmptyText, "text is empty after templating".into()));
+    }
+    let mut data = Map::new();
+    let mut stripped = 0;
+    for (key, pointer) in &rule.data {
+        if let Some(v) = pointer.find(doc) {
+            stripped += insert_flat(&mut data, key, v);
+        }
+    }
+    Ok(Mapped {
+        rule: rule.name.clone(),
+        people_id,
+        event: CrispEvent {
+            text: clamp_text(text),
+            color: rule.color.clone(),
+            data,
+        },
+        stripped,
+    })
+}
+
+fn secret_token(pointer: &Pointer) -> Option<String> {
+    pointer.tokens().find(|t| is_secret_looking(t))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::from_toml_str;
+    use serde_json::json;
+
+    fn router(toml: &str) -> Router {
+        Router::compile(&from_toml_str(toml).unwrap().rules).unwrap()
+    }
+
+    const RULES: &str = r##"
+        [[rules]]
+        name = "paid"
+        routing_key = "order.*"
+        when = { "/status" = "paid" }
+        people_id = ["/customer/email", "/email"]
+        text = "order:{/status}"
+        color = "blue"
+        data = { order_id = "/id", total = "/amount/total", missing = "/nope" }
+
+        [[rules]]
+        name = "any-order"
+        routing_key = "order.#"
+        people_id = "/email"
+        text = "order:other"
+    "##;
+
+    #[test]
+    fn first_matching_rule_wins_and_maps() {
+        let r = router(RULES);
+        let doc = json!({"status": "paid", "customer": {"email": "Jo+x@Ex.com"}, "id": "A-1", "amount": {"total": 42.5}});
+        let Routed::Event(m) = r.route("order.created", &doc) else {
+            panic!()
+        };
+        assert_eq!(&*m.rule, "paid");
+        assert_eq!(m.people_id, "Jo+x@Ex.com");
+        assert_eq!(
+            serde_json::to_value(&m.event).unwrap(),
+            json!({"text": "order:paid", "color": "blue", "data": {"order_id": "A-1", "total": 42.5}})
+        );
+    }
+
+    #[test]
+    fn when_is_exact_and_fallback_pointers_apply() {
+        let r = router(RULES);
+        let doc = json!({"status": "pending", "email": "a@b.c"});
+        let Routed::Event(m) = r.route("order.created.v2", &doc) else {
+            panic!()
+        };
+        assert_eq!(&*m.rule, "any-order");
+        assert_eq!(
+            serde_json::to_value(&m.event).unwrap(),
+            json!({"text": "order:other"})
+        );
+        // "1" is not 1, and a missing field never matches.
+        let r = router(
+            r##"[[rules]]
+            name = "n"
+            routing_key = "#"
+            when = { "/n" = 1 }
+            people_id = "/e"
+            text = "t""##,
+        );
+        assert_eq!(
+            r.route("x", &json!({"n": "1", "e": "a@b"})),
+            Routed::Unmatched
+        );
+        assert_eq!(r.route("x", &json!({"e": "a@b"})), Routed::Unmatched);
+        assert!(matches!(
+            r.route("x", &json!({"n": 1, "e": "a@b"})),
+            Routed::Event(_)
+        ));
+        // The fallback pointer is used when the first finds nothing.
+        let doc = json!({"status": "paid", "email": "x@y.z"});
+        let Routed::Event(m) = router(RULES).route("order.paid", &doc) else {
+            panic!()
+        };
+        assert_eq!(m.people_id, "x@y.z");
+    }
+
+    #[test]
+    fn invalid_messages_get_reasons() {
+        let r = router(RULES);
+        let reason = |doc: Value| match r.route("order.x", &doc) {
+            Routed::Invalid(d) => d.reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(json!({"status": "paid"})), Reason::PeopleIdMissing);
+        assert_eq!(
+            reason(json!({"status": "paid", "email": "nobody"})),
+            Reason::InvalidPeopleId
+        );
+        assert_eq!(
+            reason(json!({"status": "paid", "email": 7})),
+            Reason::InvalidPeopleId
+        );
+        let r = router(
+            r##"[[rules]]
+            name = "t"
+            routing_key = "#"
+            people_id = "/e"
+            text = "{/t}""##,
+        );
+        let dl = |doc: Value| match r.route("k", &doc) {
+            Routed::Invalid(d) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(dl(json!({"e": "a@b"})).reason, Reason::TemplateValueMissing);
+        assert_eq!(dl(json!({"e": "a@b", "t": "  "})).reason, Reason::EmptyText);
+        let d = dl(json!({"e": "jane doe@example.com"}));
+        assert!(
+            !d.detail.contains("jane doe@"),
+            "detail must mask the email: {}",
+            d.detail
+        );
+    }
+
+    #[test]
+    fn compile_collects_every_problem_with_rule_and_key() {
+        let cfg = from_toml_str(
+            r##"
+            [[rules]]
+            name = "bad"
+            routing_key = "order..x"
+            people_id = ["email"]
+            text = "x:{/a"
+            color = "bleu"
+            data = { api_key = "/k", ok = "/user/password", p = "nope" }
+            [[rules]]
+            name = "bad"
+            routing_key = "#"
+            people_id = []
+            text = "t"
+            when = { "x" = 1 }
+        "##,
+        )
+        .unwrap();
+        let problems = Router::compile(&cfg.rules).unwrap_err();
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let joined = text.join("\n");
+        for key in [
+            "routing_key",
+            "people_id",
+            "text",
+            "color",
+            "data.api_key",
+            "data.ok",
+            "data.p",
+            "name",
+            "when.\"x\"",
+        ] {
+            assert!(
+                joined.contains(&format!("{key}:")),
+                "missing {key} in\n{joined}"
+            );
+        }
+        assert!(
+            joined.contains("rules[0] `bad`") && joined.contains("rules[1] `bad`"),
+            "{joined}"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! `/_sandbox/*`: read back what the sandbox received, and rehearse failures.
+
+use super::{Fault, SandboxState};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
+
+pub(super) fn routes() -> Router<SandboxState> {
+    Router::new()
+        .route("/", get(summary))
+        .route("/_sandbox/events", get(events).delete(clear))
+        .route("/_sandbox/attempts", get(attempts))
+        .route("/_sandbox/faults", post(faults))
+        .route("/_sandbox/settings", post(settings))
+        .route("/_sandbox/profiles", post(add_profile))
+}
+
+async fn summary(State(state): State<SandboxState>) -> String {
+    let inner = state.lock();
+    let mut out = format!(
+        "crisp-bridge sandbox: {} event(s) received, {} request(s), {} profile(s)\n\
+         read them as JSON: GET /_sandbox/events; inject faults: POST /_sandbox/faults\n\n",
+        inner.events.len(),
+        inner.attempts.len(),
+        inner.profiles.len()
+    );
+    for e in &inner.events {
+        out.push_str(&format!("{}  {}  {}\n", e.people_id, e.text, e.body));
+    }
+    out
+}
+
+async fn events(State(state): State<SandboxState>) -> impl IntoResponse {
+    Json(state.events())
+}
+
+async fn attempts(State(state): State<SandboxState>) -> impl IntoResponse {
+    Json(state.attempts())
+}
+
+async fn clear(State(state): State<SandboxState>) -> StatusCode {
+    let mut inner = state.lock();
+    inner.events.clear();
+    inner.attempts.clear();
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(Fault),
+    Many(Vec<Fault>),
+}
+
+/// Queues faults for the next event POSTs: `{"status": 503, "times": 2}`,
+/// `{"status": 429, "retry_after": "1"}`, `{"delay_ms": 500}`, `{"status": 502, "body": "<html>"}`.
+async fn faults(State(state): State<SandboxState>, Json(body): Json<OneOrMany>) -> StatusCode {
+    let list = match body {
+        OneOrMany::One(f) => vec![f],
+        OneOrMany::Many(v) => v,
+    };
+    for fault in list {
+        state.push_fault(fault);
+    }
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    /// Answer 401 to everything, as if the key had been revoked.
+    refuse: Option<bool>,
+    identifier: Option<String>,
+    key: Option<String>,
+    auto_create_profiles: Option<bool>,
+    /// 200 or 201 for accepted events (Crisp's choice is unconfirmed).
+    success_status: Option<u16>,
+    latency_ms: Option<u64>,
+    clear_faults: Option<bool>,
+}
+
+async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) -> impl IntoResponse {
+    let mut inner = state.lock();
+    if let Some(v) = s.refuse {
+        inner.refuse = v;
+    }
+    if let Some(v) = s.identifier {
+        inner.options.identifier = v;
+    }
+    if let Some(v) = s.key {
+        inner.options.key = v;
+    }
+    if let Some(v) = s.auto_create_profiles {
+        inner.options.auto_create_profiles = v;
+    }
+    if let Some(v) = s.success_status {
+        if !(200..300).contains(&v) {
+            return (StatusCode::BAD_REQUEST, "success_status must be 2xx").into_response();
+        }
+        inner.success_status = v;
+    }
+    if let Some(v) = s.latency_ms {
+        inner.latency = Duration::from_millis(v);
+    }
+    if s.clear_faults == Some(true) {
+        inner.faults.clear();
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct NewProfile {
+    email: String,
+}
+
+async fn add_profile(
+    State(state): State<SandboxState>,
+    Json(p): Json<NewProfile>,
+) -> impl IntoResponse {
+    Json(json!({ "people_id": state.add_profile(&p.email) }))
+}

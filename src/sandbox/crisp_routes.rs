@@ -1,0 +1,348 @@
+//! The Crisp routes crisp-bridge uses, answered the way `shared/CRISP_API.md` says Crisp
+//! answers them.
+
+use super::{Attempt, Fault, Inner, ReceivedEvent, SandboxState};
+use crate::outcome::mask_people_id;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine;
+use serde_json::{json, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const COLORS: [&str; 10] = [
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "grey", "black",
+];
+
+pub(super) fn routes() -> Router<SandboxState> {
+    Router::new()
+        .route(
+            "/v1/website/{website_id}/people/events/{people_id}",
+            post(add_event),
+        )
+        .route(
+            "/v1/website/{website_id}/people/events/{people_id}/list/{page}",
+            get(list_events),
+        )
+        .route(
+            "/v1/website/{website_id}/people/profile",
+            post(create_profile),
+        )
+        .route(
+            "/v1/website/{website_id}/people/profile/{people_id}",
+            get(get_profile),
+        )
+}
+
+fn envelope(status: StatusCode, error: bool, reason: &str, data: Value) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": error, "reason": reason, "data": data })),
+    )
+        .into_response()
+}
+
+fn error(status: u16, reason: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    envelope(status, true, reason, json!({}))
+}
+
+/// Basic auth, then tier, then website: the order Crisp's gateway checks them in.
+fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(), Response> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok());
+    let expected = format!("{}:{}", inner.options.identifier, inner.options.key);
+    if inner.refuse || given.as_deref() != Some(expected.as_str()) {
+        return Err(error(401, "invalid_session"));
+    }
+    let tier = headers.get("x-crisp-tier").and_then(|v| v.to_str().ok());
+    if tier != Some(inner.options.tier.as_str()) {
+        return Err(error(403, "restricted_route_tier"));
+    }
+    if !inner.options.website_ids.iter().any(|w| w == website_id) {
+        return Err(error(404, "not_subscribed"));
+    }
+    Ok(())
+}
+
+fn is_email(id: &str) -> bool {
+    matches!(id.split_once('@'), Some((l, d)) if !l.is_empty() && !d.is_empty() && !d.contains('@'))
+        && !id.chars().any(char::is_whitespace)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Takes the next fault, if any, counting down its `times`.
+fn next_fault(inner: &mut Inner) -> Option<Fault> {
+    let front = inner.faults.front_mut()?;
+    let fault = front.clone();
+    front.times = front.times.saturating_sub(1);
+    if front.times == 0 {
+        inner.faults.pop_front();
+    }
+    Some(fault)
+}
+
+fn fault_response(fault: &Fault, status: u16) -> Response {
+    let mut response = match &fault.body {
+        Some(raw) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            raw.clone(),
+        )
+            .into_response(),
+        None => {
+            let reason = match status {
+                420 | 429 => "rate_limited",
+                400 => "invalid_data",
+                401 => "invalid_session",
+                402 => "plan_required",
+                403 => "restricted_route_tier",
+                404 => "not_found",
+                500..=599 => "internal_error",
+                _ => "error",
+            };
+            error(status, reason)
+        }
+    };
+    if let Some(v) = fault.retry_after.as_deref().and_then(|v| v.parse().ok()) {
+        response.headers_mut().insert("retry-after", v);
+    }
+    response
+}
+
+fn record(state: &SandboxState, method: &Method, uri: &Uri, response: Response) -> Response {
+    state.lock().attempts.push(Attempt {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+async fn add_event(
+    State(state): State<SandboxState>,
+    Path((website_id, people_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (fault, latency) = {
+        let mut inner = state.lock();
+        (next_fault(&mut inner), inner.latency)
+    };
+    let delay =
+        latency + std::time::Duration::from_millis(fault.as_ref().map_or(0, |f| f.delay_ms));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(fault) = &fault {
+        if let Some(status) = fault.status {
+            return record(&state, &method, &uri, fault_response(fault, status));
+        }
+    }
+    let response = accept_event(&state, website_id, people_id, &uri, &headers, &body);
+    record(&state, &method, &uri, response)
+}
+
+fn accept_event(
+    state: &SandboxState,
+    website_id: String,
+    people_id: String,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let mut inner = state.lock();
+    if let Err(r) = authorize(&inner, headers, &website_id) {
+        return r;
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if !content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/json"))
+    {
+        return error(400, "invalid_data");
+    }
+    let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(body) else {
+        return error(400, "invalid_data");
+    };
+    let text = match event.get("text") {
+        Some(Value::String(t)) if !t.trim().is_empty() => t.clone(),
+        _ => return error(400, "invalid_data"),
+    };
+    let color = match event.get("color") {
+        None => None,
+        Some(Value::String(c)) if COLORS.contains(&c.as_str()) => Some(c.clone()),
+        Some(_) => return error(400, "invalid_data"),
+    };
+    let data = match event.get("data") {
+        None => serde_json::Map::new(),
+        Some(Value::Object(d))
+            if d.values()
+                .all(|v| v.is_string() || v.is_number() || v.is_boolean()) =>
+        {
+            d.clone()
+        }
+        Some(_) => return error(400, "invalid_data"),
+    };
+    if event
+        .keys()
+        .any(|k| !matches!(k.as_str(), "text" | "color" | "data"))
+    {
+        return error(400, "invalid_data");
+    }
+    let known = if is_email(&people_id) {
+        inner.profile_for(&people_id).is_some() || {
+            let create = inner.options.auto_create_profiles;
+            if create {
+                inner.create_profile(&people_id);
+            }
+            create
+        }
+    } else if uuid::Uuid::try_parse(&people_id).is_ok() {
+        inner.profiles.iter().any(|p| p.people_id == people_id)
+    } else {
+        return error(400, "invalid_data");
+    };
+    if !known {
+        return error(404, "people_not_found");
+    }
+    let raw_people_id = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
+    tracing::info!(
+        website_id = %website_id,
+        people_id = %mask_people_id(&people_id),
+        text = %text,
+        "sandbox received an event"
+    );
+    inner.events.push(ReceivedEvent {
+        website_id,
+        people_id,
+        raw_people_id,
+        body: String::from_utf8_lossy(body).into_owned(),
+        text,
+        color,
+        data,
+        content_type,
+        user_agent: headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        tier: headers
+            .get("x-crisp-tier")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        timestamp: now_ms(),
+    });
+    let status = StatusCode::from_u16(inner.success_status).unwrap_or(StatusCode::OK);
+    envelope(status, false, "added", json!({}))
+}
+
+async fn list_events(
+    State(state): State<SandboxState>,
+    Path((website_id, people_id, page)): Path<(String, String, u32)>,
+    headers: HeaderMap,
+) -> Response {
+    let inner = state.lock();
+    if let Err(r) = authorize(&inner, &headers, &website_id) {
+        return r;
+    }
+    let ids: Vec<String> = match inner
+        .profiles
+        .iter()
+        .find(|p| p.people_id == people_id || p.email.eq_ignore_ascii_case(&people_id))
+    {
+        Some(p) => vec![p.people_id.clone(), p.email.clone()],
+        None => return error(404, "people_not_found"),
+    };
+    let per_page = 20;
+    let events: Vec<Value> = inner
+        .events
+        .iter()
+        .rev()
+        .filter(|e| e.website_id == website_id && ids.iter().any(|id| id.eq_ignore_ascii_case(&e.people_id)))
+        .skip(per_page * page.saturating_sub(1) as usize)
+        .take(per_page)
+        .map(|e| json!({ "text": e.text, "data": e.data, "color": e.color, "timestamp": e.timestamp }))
+        .collect();
+    envelope(StatusCode::OK, false, "listed", Value::Array(events))
+}
+
+async fn create_profile(
+    State(state): State<SandboxState>,
+    Path(website_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let response = {
+        let mut inner = state.lock();
+        match authorize(&inner, &headers, &website_id) {
+            Err(r) => r,
+            Ok(()) => match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Object(o)) => match o.get("email").and_then(Value::as_str) {
+                    Some(email) if is_email(email) => {
+                        if inner.profile_for(email).is_some() {
+                            error(409, "people_exists")
+                        } else {
+                            let id = inner.create_profile(email);
+                            envelope(StatusCode::OK, false, "added", json!({ "people_id": id }))
+                        }
+                    }
+                    _ => error(400, "invalid_data"),
+                },
+                _ => error(400, "invalid_data"),
+            },
+        }
+    };
+    record(&state, &method, &uri, response)
+}
+
+async fn get_profile(
+    State(state): State<SandboxState>,
+    Path((website_id, people_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let response = {
+        let inner = state.lock();
+        match authorize(&inner, &headers, &website_id) {
+            Err(r) => r,
+            Ok(()) => match inner
+                .profiles
+                .iter()
+                .find(|p| p.people_id == people_id || p.email.eq_ignore_ascii_case(&people_id))
+            {
+                Some(p) => envelope(
+                    StatusCode::OK,
+                    false,
+                    "resolved",
+                    json!({ "people_id": p.people_id, "email": p.email }),
+                ),
+                None => error(404, "people_not_found"),
+            },
+        }
+    };
+    record(&state, &method, &uri, response)
+}

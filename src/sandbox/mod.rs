@@ -1,0 +1,243 @@
+//! `crisp-bridge sandbox`: a local stand-in for the Crisp REST API routes crisp-bridge
+//! uses, in memory. Same auth (Basic + `X-Crisp-Tier`), envelope and error codes as
+//! `shared/CRISP_API.md`; it percent-decodes people ids like a real server, and keeps
+//! what it received so users and tests can read it back (`GET /_sandbox/events`) and
+//! inject faults (`POST /_sandbox/faults`).
+
+mod control;
+mod crisp_routes;
+
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_WEBSITE_ID: &str = "04ed9a29-ccda-4f46-b2f3-b151d2d90fa7";
+pub const DEFAULT_IDENTIFIER: &str = "sandbox-identifier";
+pub const DEFAULT_KEY: &str = "sandbox-key";
+
+/// How the sandbox starts; everything can be changed later through `/_sandbox/settings`.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub identifier: String,
+    pub key: String,
+    pub tier: String,
+    pub website_ids: Vec<String>,
+    /// Accept events for emails without a profile (creating it), instead of Crisp's
+    /// conservative 404 `people_not_found`.
+    pub auto_create_profiles: bool,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            identifier: DEFAULT_IDENTIFIER.into(),
+            key: DEFAULT_KEY.into(),
+            tier: "plugin".into(),
+            website_ids: vec![DEFAULT_WEBSITE_ID.into()],
+            auto_create_profiles: false,
+        }
+    }
+}
+
+/// An event the sandbox accepted, as it arrived.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReceivedEvent {
+    pub website_id: String,
+    /// The people id after percent-decoding the path segment.
+    pub people_id: String,
+    /// The raw path segment as sent.
+    pub raw_people_id: String,
+    /// The request body, byte for byte.
+    pub body: String,
+    pub text: String,
+    pub color: Option<String>,
+    pub data: serde_json::Map<String, serde_json::Value>,
+    pub content_type: Option<String>,
+    pub user_agent: Option<String>,
+    pub tier: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: u64,
+}
+
+/// One request to a Crisp route and the status it got.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// A fault served instead of (or before) the normal answer to the next event POSTs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Status to answer; absent means "answer normally after the delay".
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// How many requests this fault applies to (default 1).
+    #[serde(default = "one")]
+    pub times: u32,
+    /// `Retry-After` header value to send.
+    #[serde(default)]
+    pub retry_after: Option<String>,
+    /// Raw body instead of the JSON envelope (e.g. an HTML page from a proxy).
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Delay before answering, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Profile {
+    people_id: String,
+    email: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) options: SandboxOptions,
+    /// While true every Crisp route answers 401, as if the key had been revoked.
+    pub(crate) refuse: bool,
+    pub(crate) success_status: u16,
+    pub(crate) latency: Duration,
+    pub(crate) events: Vec<ReceivedEvent>,
+    pub(crate) attempts: Vec<Attempt>,
+    pub(crate) profiles: Vec<Profile>,
+    pub(crate) faults: VecDeque<Fault>,
+}
+
+/// Shared sandbox state; cloning shares it.
+#[derive(Clone, Debug)]
+pub struct SandboxState(Arc<Mutex<Inner>>);
+
+impl SandboxState {
+    pub fn new(options: SandboxOptions) -> Self {
+        Self(Arc::new(Mutex::new(Inner {
+            options,
+            refuse: false,
+            success_status: 200,
+            latency: Duration::ZERO,
+            events: Vec::new(),
+            attempts: Vec::new(),
+            profiles: Vec::new(),
+            faults: VecDeque::new(),
+        })))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn events(&self) -> Vec<ReceivedEvent> {
+        self.lock().events.clone()
+    }
+
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.lock().attempts.clone()
+    }
+
+    pub fn push_fault(&self, fault: Fault) {
+        self.lock().faults.push_back(fault);
+    }
+
+    pub fn set_refuse(&self, refuse: bool) {
+        self.lock().refuse = refuse;
+    }
+
+    pub fn set_auto_create_profiles(&self, on: bool) {
+        self.lock().options.auto_create_profiles = on;
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// Creates a profile and returns its people id (an existing email keeps its id).
+    pub fn add_profile(&self, email: &str) -> String {
+        let mut inner = self.lock();
+        inner
+            .profile_for(email)
+            .unwrap_or_else(|| inner.create_profile(email))
+    }
+}
+
+impl Inner {
+    fn profile_for(&self, email: &str) -> Option<String> {
+        self.profiles
+            .iter()
+            .find(|p| p.email.eq_ignore_ascii_case(email))
+            .map(|p| p.people_id.clone())
+    }
+
+    fn create_profile(&mut self, email: &str) -> String {
+        let people_id = uuid::Uuid::new_v4().to_string();
+        self.profiles.push(Profile {
+            people_id: people_id.clone(),
+            email: email.to_owned(),
+        });
+        people_id
+    }
+}
+
+/// The sandbox's HTTP routes.
+pub fn router(state: SandboxState) -> Router {
+    crisp_routes::routes()
+        .merge(control::routes())
+        .with_state(state)
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub addr: SocketAddr,
+    pub state: SandboxState,
+    stop: CancellationToken,
+}
+
+impl Sandbox {
+    /// Binds `listen` (port 0 picks a free port) and serves in the background.
+    pub async fn start(listen: SocketAddr, options: SandboxOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let state = SandboxState::new(options);
+        let stop = CancellationToken::new();
+        let app = router(state.clone());
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "sandbox server stopped");
+            }
+        });
+        Ok(Self { addr, state, stop })
+    }
+
+    /// The `crisp.api_url` that points at this sandbox.
+    pub fn api_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

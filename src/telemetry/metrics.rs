@@ -1,0 +1,174 @@
+//! Every metric name and label in one place; each notable event records its metric here.
+//! Labels stay bounded: rule names, outcome, reason code, HTTP status — never ids.
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const MESSAGES: &str = "crisp_bridge_messages_total";
+pub const DEAD_LETTERS: &str = "crisp_bridge_dead_letters_total";
+pub const CRISP_REQUESTS: &str = "crisp_bridge_crisp_requests_total";
+pub const CRISP_REQUEST_DURATION: &str = "crisp_bridge_crisp_request_duration_seconds";
+pub const CRISP_REQUESTS_TODAY: &str = "crisp_bridge_crisp_requests_today";
+pub const IN_FLIGHT: &str = "crisp_bridge_in_flight";
+pub const RETRIES: &str = "crisp_bridge_retries_total";
+pub const FIELDS_STRIPPED: &str = "crisp_bridge_fields_stripped_total";
+pub const STALE_ACKS: &str = "crisp_bridge_stale_settlements_total";
+pub const DUPLICATES: &str = "crisp_bridge_duplicates_suppressed_total";
+pub const BROKER_CONNECTS: &str = "crisp_bridge_broker_connections_total";
+pub const CRISP_REFUSED: &str = "crisp_bridge_crisp_refused";
+
+/// Rule label for messages no rule applied to.
+pub const NO_RULE: &str = "none";
+
+/// Final outcome of a message (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Skipped,
+    DeadLettered,
+    Requeued,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Skipped => "skipped",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Requeued => "requeued",
+        }
+    }
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(CRISP_REQUEST_DURATION.into()),
+                    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (by an embedding program); then
+            // this handle renders nothing, which is better than failing to start.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(MESSAGES, "Messages settled, by rule and outcome.");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Messages dead-lettered, by rule and reason code."
+    );
+    describe_counter!(
+        CRISP_REQUESTS,
+        "Crisp requests by HTTP status, or transport_error."
+    );
+    describe_histogram!(
+        CRISP_REQUEST_DURATION,
+        Unit::Seconds,
+        "Crisp request duration."
+    );
+    describe_gauge!(
+        CRISP_REQUESTS_TODAY,
+        "Crisp requests made since 00:00 UTC (the daily quota counts these)."
+    );
+    describe_gauge!(IN_FLIGHT, "Messages being delivered to Crisp right now.");
+    describe_counter!(
+        RETRIES,
+        "Crisp requests retried after a transient failure or rate limit."
+    );
+    describe_counter!(
+        FIELDS_STRIPPED,
+        "Secret-looking keys removed from event data."
+    );
+    describe_counter!(
+        STALE_ACKS,
+        "Acks, nacks or rejects for a delivery whose channel had died (the broker redelivers it)."
+    );
+    describe_counter!(
+        DUPLICATES,
+        "Redelivered messages whose message_id was already delivered, acked without a second post."
+    );
+    describe_counter!(BROKER_CONNECTS, "Broker connection attempts, by result.");
+    describe_gauge!(
+        CRISP_REFUSED,
+        "1 while Crisp refuses our credentials, plan or website id."
+    );
+}
+
+pub fn message(rule: &str, outcome: Outcome) {
+    counter!(MESSAGES, "rule" => rule.to_owned(), "outcome" => outcome.as_str()).increment(1);
+}
+
+pub fn dead_letter(rule: &str, reason: &'static str) {
+    counter!(DEAD_LETTERS, "rule" => rule.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn crisp_request(status: &str) {
+    counter!(CRISP_REQUESTS, "status" => status.to_owned()).increment(1);
+    requests_today();
+}
+
+pub fn crisp_request_duration(elapsed: Duration) {
+    histogram!(CRISP_REQUEST_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub fn in_flight(delta: f64) {
+    gauge!(IN_FLIGHT).increment(delta);
+}
+
+pub fn retry() {
+    counter!(RETRIES).increment(1);
+}
+
+pub fn fields_stripped(rule: &str, count: usize) {
+    if count > 0 {
+        counter!(FIELDS_STRIPPED, "rule" => rule.to_owned()).increment(count as u64);
+    }
+}
+
+pub fn stale_settlement() {
+    counter!(STALE_ACKS).increment(1);
+}
+
+pub fn duplicate_suppressed() {
+    counter!(DUPLICATES).increment(1);
+}
+
+pub fn broker_connect(ok: bool) {
+    counter!(BROKER_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+pub fn crisp_refused(refused: bool) {
+    gauge!(CRISP_REFUSED).set(if refused { 1.0 } else { 0.0 });
+}
+
+/// Requests per UTC day, for the daily quota (5,000 for a plugin token).
+fn requests_today() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static DAY: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let day = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0);
+    if DAY.swap(day, Ordering::AcqRel) != day {
+        COUNT.store(0, Ordering::Release);
+    }
+    let n = COUNT.fetch_add(1, Ordering::AcqRel) + 1;
+    gauge!(CRISP_REQUESTS_TODAY).set(n as f64);
+}
