@@ -54,10 +54,17 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
         .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
 }
 
-/// Loads from a TOML string plus the environment; used by tests and `check`.
+/// Loads from a TOML string plus the environment.
 pub fn from_toml_str(toml: &str) -> Result<Config, LoadError> {
-    Figment::new()
-        .merge(Toml::string(toml))
+    from_toml_layers(&[toml])
+}
+
+/// Loads from TOML layers, later ones overriding earlier ones key by key, then the
+/// environment.
+pub fn from_toml_layers(layers: &[&str]) -> Result<Config, LoadError> {
+    layers
+        .iter()
+        .fold(Figment::new(), |f, layer| f.merge(Toml::string(layer)))
         .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
         .extract::<Config>()
         .map_err(|e| LoadError::Invalid(describe_figment_error(e)))

@@ -1,0 +1,260 @@
+//! Crisp failing in every way DESIGN lists, and the broker going away.
+
+use crate::harness::{amqp_url_via, broker_addr, eventually, header, ChaosProxy, TestApp};
+use crisp_bridge::sandbox::{Fault, Sandbox, SandboxOptions};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn auto_profiles() -> SandboxOptions {
+    SandboxOptions {
+        auto_create_profiles: true,
+        ..Default::default()
+    }
+}
+
+fn fault(status: u16, times: u32) -> Fault {
+    Fault {
+        status: Some(status),
+        times,
+        ..Default::default()
+    }
+}
+
+const TRIAL: &[u8] = br#"{"email":"a@b.io","phase":"started"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crisp_400_is_a_dead_letter() {
+    let mut app = TestApp::builder("crisp-400")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    app.sandbox.state.push_fault(fault(400, 1));
+    app.publish("trial.started", TRIAL).await;
+    let dead = app.broker.take(&app.names.dlq, 1).await;
+    assert_eq!(
+        header(&dead[0], "x-crisp-bridge-reason").as_deref(),
+        Some("crisp_rejected")
+    );
+    assert_eq!(
+        header(&dead[0], "x-crisp-bridge-rule").as_deref(),
+        Some("trial")
+    );
+    assert!(header(&dead[0], "x-crisp-bridge-detail")
+        .unwrap_or_default()
+        .contains("invalid_data"));
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    assert_eq!(
+        app.sandbox.state.attempts().len(),
+        1,
+        "a 400 is not retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_until_crisp_accepts() {
+    let mut app = TestApp::builder("crisp-5xx")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    app.sandbox.state.push_fault(fault(503, 2));
+    app.sandbox.state.push_fault(Fault {
+        status: Some(502),
+        body: Some("<html>Bad gateway</html>".into()),
+        ..Default::default()
+    });
+    app.publish("trial.started", TRIAL).await;
+    let events = app.events(1).await;
+    assert_eq!(events[0].text, "trial:started");
+    let statuses: Vec<u16> = app
+        .sandbox
+        .state
+        .attempts()
+        .iter()
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(statuses, vec![503, 503, 502, 200]);
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_honour_retry_after_beyond_max_backoff() {
+    // max_backoff is 200ms in tests; Retry-After: 1 must still be waited out.
+    let mut app = TestApp::builder("crisp-429")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    app.sandbox.state.push_fault(Fault {
+        status: Some(429),
+        retry_after: Some("1".into()),
+        ..Default::default()
+    });
+    app.sandbox.state.push_fault(Fault {
+        status: Some(420),
+        retry_after: Some("1".into()),
+        ..Default::default()
+    });
+    let started = Instant::now();
+    app.publish("trial.started", TRIAL).await;
+    app.events(1).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "two Retry-After: 1 waits, took {:?}",
+        started.elapsed()
+    );
+    let statuses: Vec<u16> = app
+        .sandbox
+        .state
+        .attempts()
+        .iter()
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 420, 200]);
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crisp_unreachable_then_back() {
+    // A port that refuses connections: bind, note it, release it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let api = format!("http://127.0.0.1:{port}/v1");
+    let mut app = TestApp::builder("unreachable").api_url(&api).start().await;
+    app.publish("trial.started", TRIAL).await;
+    // The message is being retried: it is neither in the queue nor dead-lettered.
+    eventually("the message to be taken", || async {
+        (app.broker.ready(&app.names.queue).await == 0).then_some(())
+    })
+    .await;
+    let sandbox = Sandbox::start(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        auto_profiles(),
+    )
+    .await
+    .expect("sandbox on the refused port");
+    let state = sandbox.state.clone();
+    let events = eventually("the event once Crisp is back", || {
+        let events = state.events();
+        async move { (!events.is_empty()).then_some(events) }
+    })
+    .await;
+    assert_eq!(events.len(), 1);
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_pause_everything_and_dead_letter_nothing() {
+    let mut app = TestApp::builder("refused")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    app.sandbox.state.set_refuse(true);
+    for i in 0..5 {
+        app.publish(
+            "trial.started",
+            json!({"email": format!("p{i}@b.io"), "phase": "started"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    }
+    app.wait_ready(503).await;
+    // Everything goes back to the queue, nothing to the dead letters.
+    eventually("all 5 messages back in the queue", || async {
+        (app.broker.ready(&app.names.queue).await == 5).then_some(())
+    })
+    .await;
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    // The key is fixed: the bridge notices by itself and delivers everything.
+    app.sandbox.state.set_refuse(false);
+    app.wait_ready(200).await;
+    let events = app.events(5).await;
+    assert_eq!(events.len(), 5);
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_finishes_in_flight_and_requeues_the_rest() {
+    let mut app = TestApp::builder("shutdown")
+        .sandbox(auto_profiles())
+        .config("[delivery]\nconcurrency = 2")
+        .start()
+        .await;
+    app.sandbox.state.set_latency(Duration::from_millis(200));
+    let n = 20;
+    for i in 0..n {
+        app.publish(
+            "trial.started",
+            json!({"email": format!("p{i}@b.io"), "phase": "started"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    }
+    app.events(1).await;
+    app.stop().await;
+    let delivered = app.sandbox.state.events().len() as u32;
+    let back = app.broker.ready(&app.names.queue).await;
+    assert_eq!(
+        delivered + back,
+        n,
+        "every message is delivered or back in the queue ({delivered} + {back})"
+    );
+    assert!(
+        back > 0,
+        "a 200ms Crisp cannot have taken all {n} in the test's time"
+    );
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connection_cut_mid_stream_loses_nothing() {
+    let proxy = ChaosProxy::start(broker_addr().await).await;
+    let url = amqp_url_via(proxy.addr).await;
+    let mut app = TestApp::builder("cut")
+        .sandbox(auto_profiles())
+        .config(&format!("[amqp]\nurl = \"{url}\""))
+        .start()
+        .await;
+    app.sandbox.state.set_latency(Duration::from_millis(20));
+    let n = 30;
+    for i in 0..n {
+        app.publish(
+            "trial.started",
+            json!({"email": format!("p{i}@b.io"), "phase": "started"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    }
+    app.events(5).await;
+    assert!(
+        proxy.cut() > 0,
+        "the bridge was connected through the proxy"
+    );
+    app.wait_ready(200).await;
+    let events = eventually("every message delivered after the cut", || {
+        let state = app.sandbox.state.clone();
+        async move {
+            let events = state.events();
+            let distinct: std::collections::HashSet<_> =
+                events.iter().map(|e| e.people_id.clone()).collect();
+            (distinct.len() == n).then_some(events)
+        }
+    })
+    .await;
+    let duplicates = events.len() - n;
+    eprintln!("connection cut: {n} published, {n} delivered, {duplicates} duplicate(s)");
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}

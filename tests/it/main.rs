@@ -1,0 +1,7 @@
+//! One integration-test binary: the bridge against a real RabbitMQ and the Crisp sandbox.
+//! The broker comes from `AMQP_URL` (else testcontainers' RabbitMQ module).
+
+mod delivery;
+mod failures;
+mod harness;
+mod process;
