@@ -9,17 +9,23 @@ use tokio::time::Instant;
 /// Upper bound on remembered ids, whatever the window: memory stays bounded.
 const MAX_IDS: usize = 100_000;
 
+#[derive(Debug, Default)]
+struct Recent {
+    at: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
 #[derive(Debug)]
 pub struct Dedup {
     window: Duration,
-    inner: Mutex<(HashMap<String, Instant>, VecDeque<(Instant, String)>)>,
+    inner: Mutex<Recent>,
 }
 
 impl Dedup {
     pub fn new(window: Duration) -> Self {
         Self {
             window,
-            inner: Mutex::new((HashMap::new(), VecDeque::new())),
+            inner: Mutex::new(Recent::default()),
         }
     }
 
@@ -29,7 +35,7 @@ impl Dedup {
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         Self::expire(&mut inner, self.window);
-        inner.0.contains_key(id)
+        inner.at.contains_key(id)
     }
 
     pub fn remember(&self, id: &str) {
@@ -39,28 +45,25 @@ impl Dedup {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         Self::expire(&mut inner, self.window);
         let now = Instant::now();
-        inner.0.insert(id.to_owned(), now);
-        inner.1.push_back((now, id.to_owned()));
-        while inner.1.len() > MAX_IDS {
-            if let Some((_, old)) = inner.1.pop_front() {
-                inner.0.remove(&old);
+        inner.at.insert(id.to_owned(), now);
+        inner.order.push_back((now, id.to_owned()));
+        while inner.order.len() > MAX_IDS {
+            if let Some((_, old)) = inner.order.pop_front() {
+                inner.at.remove(&old);
             }
         }
     }
 
-    fn expire(
-        inner: &mut (HashMap<String, Instant>, VecDeque<(Instant, String)>),
-        window: Duration,
-    ) {
+    fn expire(inner: &mut Recent, window: Duration) {
         let now = Instant::now();
-        while let Some((at, _)) = inner.1.front() {
+        while let Some((at, _)) = inner.order.front() {
             if now.duration_since(*at) < window {
                 break;
             }
-            if let Some((at, id)) = inner.1.pop_front() {
+            if let Some((at, id)) = inner.order.pop_front() {
                 // Only forget the id if it was not remembered again since.
-                if inner.0.get(&id) == Some(&at) {
-                    inner.0.remove(&id);
+                if inner.at.get(&id) == Some(&at) {
+                    inner.at.remove(&id);
                 }
             }
         }

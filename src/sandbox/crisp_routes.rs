@@ -51,7 +51,7 @@ fn error(status: u16, reason: &str) -> Response {
 }
 
 /// Basic auth, then tier, then website: the order Crisp's gateway checks them in.
-fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(), Response> {
+fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(), Box<Response>> {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -64,14 +64,14 @@ fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(),
         .and_then(|b| String::from_utf8(b).ok());
     let expected = format!("{}:{}", inner.options.identifier, inner.options.key);
     if inner.refuse || given.as_deref() != Some(expected.as_str()) {
-        return Err(error(401, "invalid_session"));
+        return Err(Box::new(error(401, "invalid_session")));
     }
     let tier = headers.get("x-crisp-tier").and_then(|v| v.to_str().ok());
     if tier != Some(inner.options.tier.as_str()) {
-        return Err(error(403, "restricted_route_tier"));
+        return Err(Box::new(error(403, "restricted_route_tier")));
     }
     if !inner.options.website_ids.iter().any(|w| w == website_id) {
-        return Err(error(404, "not_subscribed"));
+        return Err(Box::new(error(404, "not_subscribed")));
     }
     Ok(())
 }
@@ -171,7 +171,7 @@ fn accept_event(
 ) -> Response {
     let mut inner = state.lock();
     if let Err(r) = authorize(&inner, headers, &website_id) {
-        return r;
+        return *r;
     }
     let content_type = headers
         .get("content-type")
@@ -264,7 +264,7 @@ async fn list_events(
 ) -> Response {
     let inner = state.lock();
     if let Err(r) = authorize(&inner, &headers, &website_id) {
-        return r;
+        return *r;
     }
     let ids: Vec<String> = match inner
         .profiles
@@ -298,7 +298,7 @@ async fn create_profile(
     let response = {
         let mut inner = state.lock();
         match authorize(&inner, &headers, &website_id) {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) => match serde_json::from_slice::<Value>(&body) {
                 Ok(Value::Object(o)) => match o.get("email").and_then(Value::as_str) {
                     Some(email) if is_email(email) => {
@@ -328,7 +328,7 @@ async fn get_profile(
     let response = {
         let inner = state.lock();
         match authorize(&inner, &headers, &website_id) {
-            Err(r) => r,
+            Err(r) => *r,
             Ok(()) => match inner
                 .profiles
                 .iter()

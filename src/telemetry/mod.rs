@@ -36,8 +36,8 @@ pub fn init_logging(config: &LogConfig) {
     install_panic_hook();
 }
 
-/// Panics are logged as one line without their payload's data (which could hold a
-/// message body), then the process aborts through the default path.
+/// Panics also leave one structured log line (with where, not what), so a JSON log
+/// pipeline sees them; the default hook then prints as usual.
 fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
