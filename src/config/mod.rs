@@ -350,3 +350,54 @@ pub struct RuleConfig {
     #[serde(default)]
     pub data: BTreeMap<String, String>,
 }
+
+/// The JSON Schema of the config file, generated from these types (doc comments become
+/// descriptions). `schemas/config.schema.json` is this, kept current by a test.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regenerate with `UPDATE_SCHEMAS=1 cargo test config_schema`.
+    #[test]
+    fn config_schema_file_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/config.schema.json");
+        let generated = format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json_schema()).unwrap()
+        );
+        if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "schemas/config.schema.json is stale; run UPDATE_SCHEMAS=1 cargo test config_schema"
+        );
+    }
+
+    #[test]
+    fn the_example_config_loads_and_matches_the_schema() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/crisp-bridge.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let config = from_toml_str(&text).unwrap();
+        assert_eq!(config.rules.len(), 3);
+        let as_json: serde_json::Value = toml_to_json(&text);
+        let validator = jsonschema::validator_for(&json_schema()).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&as_json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    fn toml_to_json(text: &str) -> serde_json::Value {
+        Figment::new()
+            .merge(Toml::string(text))
+            .extract::<serde_json::Value>()
+            .unwrap()
+    }
+}

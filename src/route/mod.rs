@@ -466,4 +466,35 @@ mod tests {
             "{joined}"
         );
     }
+
+    #[test]
+    fn mapped_events_match_the_published_event_schema() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas/crisp-event.schema.json");
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let r = router(RULES);
+        let doc = json!({
+            "status": "paid", "email": "a@b.c", "id": {"x": [1, {"api-Key": "k", "ok": true}], "Pass_Word": "p"},
+            "amount": {"total": {"cents": 4250, "user_ssn": "1"}}
+        });
+        let Routed::Event(m) = r.route("order.created", &doc) else {
+            panic!()
+        };
+        let body = serde_json::to_value(&m.event).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&body)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{body}: {errors:?}");
+        assert_eq!(m.stripped, 3);
+        // The schema itself refuses what the mapper must never produce.
+        for bad in [
+            json!({"text": ""}),
+            json!({"text": "t", "data": {"a": {"b": 1}}}),
+            json!({"text": "t", "data": {"apiToken": "x"}}),
+        ] {
+            assert!(!validator.is_valid(&bad), "{bad}");
+        }
+    }
 }
