@@ -21,7 +21,8 @@ const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
 /// Why a consuming session ended.
 enum SessionEnd {
     Shutdown,
-    CrispRefused,
+    /// Crisp refuses us, or a rate-limit hold began.
+    Paused,
     BrokerLost(String),
 }
 
@@ -114,23 +115,19 @@ impl Session {
         let amqp = &self.config.amqp;
         let mut attempt: u32 = 0;
         while !shutdown.is_cancelled() {
-            if self.pipeline.gate.is_refused() {
-                self.pipeline.wait_until_crisp_accepts(shutdown).await;
-                continue;
-            }
             let connected = tokio::select! {
-                c = self.open() => c,
+                c = self.connect() => c,
                 _ = shutdown.cancelled() => break,
             };
-            let (connection, channel, consumer) = match connected {
-                Ok(parts) => parts,
+            let connection = match connected {
+                Ok(connection) => connection,
                 Err(e) => {
                     metrics::broker_connect(false);
                     self.health.set_broker(false);
                     let wait =
                         Duration::from_secs(1u64 << attempt.min(5)).min(MAX_RECONNECT_BACKOFF);
                     attempt += 1;
-                    tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs(), url = %redact_url(amqp.url.expose()), "cannot consume from RabbitMQ; retrying");
+                    tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs(), url = %redact_url(amqp.url.expose()), "cannot connect to RabbitMQ; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = shutdown.cancelled() => break,
@@ -140,29 +137,15 @@ impl Session {
             metrics::broker_connect(true);
             attempt = 0;
             self.health.set_broker(true);
-            self.health.set_consuming(true);
-            tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
-            let end = self.pump(&channel, consumer, shutdown).await;
-            self.health.set_consuming(false);
-            match end {
-                SessionEnd::Shutdown => {
-                    self.pipeline
-                        .shutdown(self.config.delivery.shutdown_timeout)
-                        .await;
-                    close(&channel, &connection).await;
-                    self.health.set_broker(false);
+            let lost = self.consume_until_lost(&connection, shutdown).await;
+            self.health.set_broker(false);
+            match lost {
+                None => {
+                    let _ = connection.close(200, "crisp-bridge stopping".into()).await;
                     return;
                 }
-                SessionEnd::CrispRefused => {
-                    // Let held deliveries settle (they requeue at once), then let go of
-                    // the channel so nothing stays reserved for this pod.
-                    self.pipeline.wait_idle().await;
-                    close(&channel, &connection).await;
-                    self.health.set_broker(false);
-                }
-                SessionEnd::BrokerLost(why) => {
-                    self.health.set_broker(false);
-                    tracing::warn!(error = %why, "lost the broker connection; reconnecting (unacked messages return to the queue)");
+                Some(why) => {
+                    tracing::warn!(error = %why, "lost the broker connection; reconnecting (unacked messages return to the queue)")
                 }
             }
         }
@@ -171,7 +154,7 @@ impl Session {
             .await;
     }
 
-    async fn open(&self) -> Result<(Connection, Channel, Consumer), broker::BrokerError> {
+    async fn connect(&self) -> Result<Connection, broker::BrokerError> {
         let amqp = &self.config.amqp;
         let connection = broker::connect(amqp).await?;
         if amqp.declare {
@@ -186,9 +169,66 @@ impl Session {
             broker::declare_topology(&channel, amqp, &self.pipeline.router().patterns()).await?;
             let _ = channel.close(200, "topology declared".into()).await;
         }
-        let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
-        let (channel, consumer) = broker::consume(&connection, amqp, &tag).await?;
-        Ok((connection, channel, consumer))
+        Ok(connection)
+    }
+
+    /// Consumes on `connection`, pausing while Crisp refuses us or a rate-limit hold lasts.
+    /// Returns `None` after a graceful shutdown, or why the connection was lost.
+    async fn consume_until_lost(
+        &self,
+        connection: &Connection,
+        shutdown: &CancellationToken,
+    ) -> Option<String> {
+        let amqp = &self.config.amqp;
+        loop {
+            if self.pipeline.gate.is_refused() {
+                self.pipeline.wait_until_crisp_accepts(shutdown).await;
+            }
+            if let Some(until) = self.pipeline.hold.until() {
+                tracing::info!(
+                    resume_in_s = until
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .as_secs(),
+                    "holding: consumption paused for Crisp's rate limit"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                self.pipeline.hold.clear();
+            }
+            if shutdown.is_cancelled() {
+                self.pipeline
+                    .shutdown(self.config.delivery.shutdown_timeout)
+                    .await;
+                return None;
+            }
+            let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
+            let (channel, consumer) = match broker::consume(connection, amqp, &tag).await {
+                Ok(c) => c,
+                Err(e) => return Some(e.to_string()),
+            };
+            self.health.set_consuming(true);
+            tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
+            let end = self.pump(&channel, consumer, shutdown).await;
+            self.health.set_consuming(false);
+            match end {
+                SessionEnd::Shutdown => {
+                    self.pipeline
+                        .shutdown(self.config.delivery.shutdown_timeout)
+                        .await;
+                    let _ = channel.close(200, "crisp-bridge stopping".into()).await;
+                    return None;
+                }
+                SessionEnd::Paused => {
+                    // Held deliveries requeue at once; then let go of the channel so
+                    // nothing stays reserved for this pod while it waits.
+                    self.pipeline.wait_idle().await;
+                    let _ = channel.close(200, "crisp-bridge pausing".into()).await;
+                }
+                SessionEnd::BrokerLost(why) => return Some(why),
+            }
+        }
     }
 
     async fn pump(
@@ -201,7 +241,8 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = self.pipeline.gate.refused() => break SessionEnd::CrispRefused,
+                _ = self.pipeline.gate.refused() => break SessionEnd::Paused,
+                _ = self.pipeline.hold.started() => break SessionEnd::Paused,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => self.pipeline.handle(channel.clone(), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
@@ -232,12 +273,5 @@ impl Session {
             );
         }
         end
-    }
-}
-
-async fn close(channel: &Channel, connection: &Connection) {
-    let _ = channel.close(200, "crisp-bridge stopping".into()).await;
-    if let Err(e) = connection.close(200, "crisp-bridge stopping".into()).await {
-        tracing::debug!(error = %e, "closing the broker connection");
     }
 }

@@ -6,9 +6,10 @@
 mod dedup;
 mod gate;
 mod lanes;
+mod limit;
 mod pace;
 
-pub use gate::CrispGate;
+pub use gate::{CrispGate, Hold};
 
 use crate::broker::settle::{settle, Settled};
 use crate::config::{DeliveryConfig, Unmatched};
@@ -21,10 +22,10 @@ use dedup::Dedup;
 use lanes::Lanes;
 use lapin::message::Delivery;
 use lapin::Channel;
+use limit::AdaptiveLimit;
 use pace::{backoff, Pace};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,11 +48,12 @@ pub struct Pipeline {
     router: Router,
     client: CrispClient,
     settings: PipelineSettings,
-    permits: Semaphore,
+    limit: AdaptiveLimit,
     pace: Pace,
     lanes: Lanes<Job>,
     dedup: Dedup,
     pub gate: Arc<CrispGate>,
+    pub hold: Hold,
     tasks: TaskTracker,
     /// Shutdown began: start nothing new, requeue what waits.
     stopping: CancellationToken,
@@ -62,7 +64,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(router: Router, client: CrispClient, settings: PipelineSettings) -> Arc<Self> {
         Arc::new(Self {
-            permits: Semaphore::new(settings.delivery.concurrency),
+            limit: AdaptiveLimit::new(settings.delivery.concurrency),
             pace: Pace::new(settings.delivery.max_requests_per_second),
             dedup: Dedup::new(settings.delivery.dedup_window),
             router,
@@ -70,6 +72,7 @@ impl Pipeline {
             settings,
             lanes: Lanes::default(),
             gate: Arc::new(CrispGate::default()),
+            hold: Hold::default(),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
@@ -109,19 +112,6 @@ impl Pipeline {
                 );
             }
         };
-        if let Some(id) = delivery.properties.message_id() {
-            if self.dedup.seen(id.as_str()) {
-                metrics::duplicate_suppressed();
-                tracing::info!(rule = %mapped.rule, "message_id already delivered by this pod; acking the redelivery without posting it again");
-                let rule = mapped.rule.to_string();
-                return self.settle_in_background(
-                    channel,
-                    delivery,
-                    rule,
-                    Disposition::Ack { delivered: false },
-                );
-            }
-        }
         metrics::fields_stripped(&mapped.rule, mapped.stripped);
         let key = mapped.people_id.clone();
         let job = Job {
@@ -151,15 +141,29 @@ impl Pipeline {
     async fn run_lane(self: Arc<Self>, key: String, first: Job) {
         let mut job = first;
         loop {
-            let disposition = if self.stopping.is_cancelled() || self.gate.is_refused() {
+            let message_id = job
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str());
+            let disposition = if !job.delivery.acker.usable() || !job.channel.status().connected() {
+                // The channel died while this waited: the broker redelivers the message
+                // on the new channel, so posting it now would only make a duplicate.
                 Disposition::Requeue(RequeueKind::NotNow)
+            } else if self.not_now() {
+                Disposition::Requeue(RequeueKind::NotNow)
+            } else if message_id.is_some_and(|id| self.dedup.seen(id)) {
+                // Checked here, not on arrival: a redelivery queued behind its own
+                // original in this lane sees the original's result.
+                metrics::duplicate_suppressed();
+                tracing::info!(rule = %job.mapped.rule, "message_id already delivered by this pod; acking the redelivery without posting it again");
+                Disposition::Ack { delivered: false }
             } else {
                 self.deliver(&job.mapped).await
             };
-            if matches!(disposition, Disposition::Ack { delivered: true }) {
-                if let Some(id) = job.delivery.properties.message_id() {
-                    self.dedup.remember(id.as_str());
-                }
+            if let (Disposition::Ack { delivered: true }, Some(id)) = (&disposition, message_id) {
+                self.dedup.remember(id);
             }
             self.finish(&job.channel, &job.delivery, &job.mapped.rule, disposition)
                 .await;
@@ -177,12 +181,19 @@ impl Pipeline {
         let mut attempt = 0u32;
         let mut created_profile = false;
         loop {
+            let paused = self.pace.paused_for();
+            if started.elapsed() + paused > d.max_retry_time {
+                // Waiting out Crisp's pause would overrun this message's budget (and
+                // could near the broker's consumer timeout): hand it back and hold.
+                self.hold.hold_until(Instant::now() + paused);
+                return Disposition::Requeue(RequeueKind::NotNow);
+            }
             let result = {
-                let Some(_permit) = self.acquire().await else {
+                let Some(_slot) = self.acquire().await else {
                     return Disposition::Requeue(RequeueKind::NotNow);
                 };
                 self.pace.wait_turn().await;
-                if self.gate.is_refused() {
+                if self.not_now() {
                     return Disposition::Requeue(RequeueKind::NotNow);
                 }
                 metrics::in_flight(1.0);
@@ -197,7 +208,10 @@ impl Pipeline {
                 }
             };
             let error = match result {
-                Ok(()) => return Disposition::Ack { delivered: true },
+                Ok(()) => {
+                    self.limit.on_success();
+                    return Disposition::Ack { delivered: true };
+                }
                 Err(e) => e,
             };
             let who = mask_people_id(&mapped.people_id);
@@ -245,20 +259,27 @@ impl Pipeline {
                 }
                 Failure::Refused => return self.refused(&error.message),
                 Failure::Transient | Failure::RateLimited => {
+                    self.limit.on_overload();
                     let wait =
                         backoff(attempt, d.initial_backoff, d.max_backoff, error.retry_after);
-                    if error.failure == Failure::RateLimited {
+                    let rate_limited = error.failure == Failure::RateLimited;
+                    if rate_limited {
                         self.pace.pause_for(wait);
                     }
                     if started.elapsed() + wait > d.max_retry_time {
+                        if rate_limited {
+                            // Crisp keeps saying "not now" (a spent quota): pause consuming
+                            // so the messages wait in the broker instead of cycling.
+                            let hold = wait.max(d.max_backoff);
+                            if self.hold.hold_until(Instant::now() + hold) {
+                                tracing::warn!(rule = %mapped.rule, hold_s = hold.as_secs(), error = %error, "Crisp keeps rate limiting us; pausing consumption");
+                            }
+                            return Disposition::Requeue(RequeueKind::NotNow);
+                        }
                         tracing::warn!(rule = %mapped.rule, people_id = %who, attempts = attempt + 1, error = %error, "giving up for now after max_retry_time; requeueing");
-                        // A rate limit is "not now"; anything else counts toward the delivery limit.
-                        let kind = if error.failure == Failure::RateLimited {
-                            RequeueKind::NotNow
-                        } else {
-                            RequeueKind::RetriesExhausted
-                        };
-                        return Disposition::Requeue(kind);
+                        // Counts toward the queue's delivery limit: a message that never
+                        // gets through ends in the dead-letter queue.
+                        return Disposition::Requeue(RequeueKind::RetriesExhausted);
                     }
                     tracing::debug!(rule = %mapped.rule, people_id = %who, attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
                     metrics::retry();
@@ -272,11 +293,16 @@ impl Pipeline {
         }
     }
 
-    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    async fn acquire(&self) -> Option<limit::Slot<'_>> {
         tokio::select! {
-            permit = self.permits.acquire() => permit.ok(),
+            slot = self.limit.acquire() => Some(slot),
             _ = self.stopping.cancelled() => None,
         }
+    }
+
+    /// Nothing may be sent now: shutting down, refused, or holding for a rate limit.
+    fn not_now(&self) -> bool {
+        self.stopping.is_cancelled() || self.gate.is_refused() || self.hold.is_holding()
     }
 
     fn refused(&self, message: &str) -> Disposition {

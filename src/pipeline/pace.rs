@@ -55,6 +55,12 @@ impl Pace {
         }
     }
 
+    /// How long the pause Crisp asked for still lasts.
+    pub fn paused_for(&self) -> Duration {
+        let paused = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        paused.saturating_duration_since(Instant::now())
+    }
+
     /// Waits until this request may start.
     pub async fn wait_turn(&self) {
         let paused = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());

@@ -18,6 +18,8 @@ pub const STALE_ACKS: &str = "crisp_bridge_stale_settlements_total";
 pub const DUPLICATES: &str = "crisp_bridge_duplicates_suppressed_total";
 pub const BROKER_CONNECTS: &str = "crisp_bridge_broker_connections_total";
 pub const CRISP_REFUSED: &str = "crisp_bridge_crisp_refused";
+pub const CONCURRENCY_LIMIT: &str = "crisp_bridge_concurrency_limit";
+pub const HOLDING: &str = "crisp_bridge_rate_limit_hold";
 
 /// Rule label for messages no rule applied to.
 pub const NO_RULE: &str = "none";
@@ -171,4 +173,12 @@ fn requests_today() {
     }
     let n = COUNT.fetch_add(1, Ordering::AcqRel) + 1;
     gauge!(CRISP_REQUESTS_TODAY).set(n as f64);
+}
+
+pub fn concurrency_limit(limit: f64) {
+    gauge!(CONCURRENCY_LIMIT).set(limit);
+}
+
+pub fn holding(on: bool) {
+    gauge!(HOLDING).set(if on { 1.0 } else { 0.0 });
 }

@@ -228,13 +228,10 @@ async fn broker_connection_cut_mid_stream_loses_nothing() {
     app.sandbox.state.set_latency(Duration::from_millis(20));
     let n = 30;
     for i in 0..n {
-        app.publish(
-            "trial.started",
-            json!({"email": format!("p{i}@b.io"), "phase": "started"})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
+        let body = json!({"email": format!("p{i}@b.io"), "phase": "started"}).to_string();
+        let props = lapin::BasicProperties::default().with_message_id(format!("evt-{i}").into());
+        app.publish_with("trial.started", body.as_bytes(), props)
+            .await;
     }
     app.events(5).await;
     assert!(
@@ -257,4 +254,148 @@ async fn broker_connection_cut_mid_stream_loses_nothing() {
     app.stop().await;
     assert_eq!(app.broker.ready(&app.names.queue).await, 0);
     assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crisp_down_for_a_while_then_everything_arrives() {
+    let mut app = TestApp::builder("crisp-down")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    app.sandbox.state.push_fault(fault(503, 40));
+    let n = 10;
+    for i in 0..n {
+        app.publish(
+            "trial.started",
+            json!({"email": format!("p{i}@b.io"), "phase": "started"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    }
+    // Pods stay ready while Crisp fails: restarting would not help.
+    assert_eq!(app.readyz().await, 200);
+    let events = app.events(n).await;
+    assert_eq!(events.len(), n, "each message posted once");
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_slows_down_but_loses_and_duplicates_nothing() {
+    let mut app = TestApp::builder("storm")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    app.sandbox.state.push_fault(fault(429, 30));
+    app.sandbox.state.push_fault(fault(420, 10));
+    let n = 20;
+    for i in 0..n {
+        app.publish(
+            "trial.started",
+            json!({"email": format!("p{i}@b.io"), "phase": "started"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    }
+    let events = app.events(n).await;
+    let distinct: std::collections::HashSet<_> = events.iter().map(|e| &e.people_id).collect();
+    assert_eq!(
+        (events.len(), distinct.len()),
+        (n, n),
+        "every message exactly once"
+    );
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_quota_holds_messages_in_the_broker() {
+    // Retry-After beyond the retry budget: the message goes back and consuming pauses.
+    let mut app = TestApp::builder("quota")
+        .sandbox(auto_profiles())
+        .config("[delivery]\nmax_retry_time = \"1s\"\nmax_backoff = \"100ms\"")
+        .start()
+        .await;
+    app.sandbox.state.push_fault(Fault {
+        status: Some(429),
+        retry_after: Some("3".into()),
+        ..Default::default()
+    });
+    app.publish("trial.started", TRIAL).await;
+    app.wait_ready(503).await;
+    eventually("the message held in the broker", || async {
+        (app.broker.ready(&app.names.queue).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.sandbox.state.attempts().len(),
+        1,
+        "no spinning while held"
+    );
+    // After the hold, consumption resumes by itself and the event is sent.
+    app.wait_ready(200).await;
+    app.events(1).await;
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_never_gets_through_ends_in_the_dead_letter_queue() {
+    // Quorum queue delivery limit 2: after its third failed delivery the broker
+    // dead-letters the message to the same dead-letter queue.
+    let mut app = TestApp::builder("poison")
+        .sandbox(auto_profiles())
+        .config("[amqp]\ndelivery_limit = 2\n[delivery]\nmax_retry_time = \"150ms\"\ninitial_backoff = \"10ms\"\nmax_backoff = \"50ms\"")
+        .start()
+        .await;
+    app.sandbox.state.push_fault(fault(500, 10_000));
+    app.publish("trial.started", TRIAL).await;
+    let dead = app.broker.take(&app.names.dlq, 1).await;
+    assert_eq!(dead[0].delivery.data, TRIAL);
+    assert_eq!(
+        header(&dead[0], "x-crisp-bridge-reason"),
+        None,
+        "dead-lettered by the broker, not by us"
+    );
+    let deaths = dead[0]
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death").cloned());
+    assert!(deaths.is_some(), "the broker's x-death header is there");
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    assert!(app.sandbox.state.events().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_id_is_not_posted_twice() {
+    let mut app = TestApp::builder("dedup")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    let props = || lapin::BasicProperties::default().with_message_id("evt-42".into());
+    app.publish_with("trial.started", TRIAL, props()).await;
+    app.events(1).await;
+    app.publish_with("trial.started", TRIAL, props()).await;
+    // A different id for the same person is a new event.
+    app.publish_with(
+        "trial.started",
+        br#"{"email":"a@b.io","phase":"ended"}"#,
+        lapin::BasicProperties::default().with_message_id("evt-43".into()),
+    )
+    .await;
+    let events = app.events(2).await;
+    app.stop().await;
+    assert_eq!(app.sandbox.state.events().len(), 2, "{events:?}");
+    assert_eq!(
+        app.broker.ready(&app.names.queue).await,
+        0,
+        "the duplicate was acked"
+    );
 }

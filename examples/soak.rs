@@ -1,0 +1,222 @@
+//! Soak: the bridge (child process) under a steady stream for a bounded time while
+//! faults are injected at random, then a tally. Exits 1 if anything was lost.
+//!
+//!     cargo run --release --example soak -- [--seconds 180] [--rate 40] [--seed N]
+//!
+//! Faults: Crisp 5xx bursts, 429/420 with Retry-After, latency spikes, refused
+//! credentials for a few seconds, broker connections cut (a TCP proxy between the
+//! bridge and RabbitMQ), SIGKILL then restart, SIGTERM then restart.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use crisp_bridge::sandbox::Fault;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+
+struct Proxy {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let held = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                held.lock().expect("lock").push(task.abort_handle());
+            }
+        });
+        Self { addr, conns }
+    }
+
+    fn cut(&self) {
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds = arg(&args, "--seconds", 180);
+    let rate = arg(&args, "--rate", 40).max(1);
+    let seed = arg(&args, "--seed", rand::random::<u32>() as u64);
+    let bin = std::env::var("CRISP_BRIDGE_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|_| default_bin());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let url = amqp_url();
+    let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP_URL");
+    let target: SocketAddr =
+        tokio::net::lookup_host(format!("{}:{}", uri.authority.host, uri.authority.port))
+            .await
+            .expect("resolve")
+            .next()
+            .expect("broker address");
+    let proxy = Proxy::start(target).await;
+    let via_proxy = format!(
+        "amqp://{}:{}@{}/%2f",
+        uri.authority.userinfo.username, uri.authority.userinfo.password, proxy.addr
+    );
+
+    let names = Names::new("soak");
+    let sandbox = sandbox().await;
+    let port = free_port();
+    let config = write_config(
+        &names,
+        &via_proxy,
+        &sandbox.api_url(),
+        port,
+        "concurrency = 16\ninitial_backoff = \"50ms\"\nmax_backoff = \"2s\"\nmax_retry_time = \"20s\"\nshutdown_timeout = \"5s\"",
+    );
+    let publisher = Arc::new(Publisher::connect(&url).await);
+    publisher.declare(&config).await;
+    let mut bridge = Some(Bridge::spawn(&bin, &config, port).await);
+    println!(
+        "soak: {seconds} s at {rate} msg/s, seed {seed}, queue {}",
+        names.queue
+    );
+
+    let published = Arc::new(AtomicU64::new(0));
+    let stop_publishing = Arc::new(tokio::sync::Notify::new());
+    let publishing = {
+        let (publisher, published, stop) = (
+            publisher.clone(),
+            published.clone(),
+            stop_publishing.clone(),
+        );
+        let exchange = names.exchange.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.notified() => return,
+                }
+                let seq = published.load(Ordering::SeqCst);
+                publisher.publish(&exchange, "load.event", seq, 50).await;
+                published.store(seq + 1, Ordering::SeqCst);
+            }
+        })
+    };
+
+    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(3_000..9_000))).await;
+        if Instant::now() >= end {
+            break;
+        }
+        let state = &sandbox.state;
+        let kind = match rng.random_range(0..7) {
+            0 => {
+                state.push_fault(Fault {
+                    status: Some([500, 502, 503][rng.random_range(0..3)]),
+                    times: rng.random_range(10..60),
+                    ..Default::default()
+                });
+                "crisp_5xx_burst"
+            }
+            1 => {
+                state.push_fault(Fault {
+                    status: Some(if rng.random_bool(0.5) { 429 } else { 420 }),
+                    times: rng.random_range(3..15),
+                    retry_after: Some("1".into()),
+                    ..Default::default()
+                });
+                "rate_limit"
+            }
+            2 => {
+                state.set_latency(Duration::from_millis(rng.random_range(200..800)));
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                state.set_latency(Duration::ZERO);
+                "latency_spike"
+            }
+            3 => {
+                state.set_refuse(true);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..6_000))).await;
+                state.set_refuse(false);
+                "refused_credentials"
+            }
+            4 => {
+                proxy.cut();
+                "broker_connection_cut"
+            }
+            5 => {
+                if let Some(b) = bridge.take() {
+                    b.signal("KILL");
+                    let mut b = b;
+                    let _ = b.child.wait().await;
+                }
+                bridge = Some(Bridge::spawn(&bin, &config, port).await);
+                "sigkill_restart"
+            }
+            _ => {
+                if let Some(b) = bridge.take() {
+                    b.stop().await;
+                }
+                bridge = Some(Bridge::spawn(&bin, &config, port).await);
+                "sigterm_restart"
+            }
+        };
+        *faults.entry(kind).or_default() += 1;
+    }
+    stop_publishing.notify_one();
+    let _ = publishing.await;
+    let total = published.load(Ordering::SeqCst);
+    sandbox.state.set_refuse(false);
+    sandbox.state.set_latency(Duration::ZERO);
+
+    // Drain: wait until every published message is delivered or dead-lettered.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (delivered, dead) = loop {
+        let seqs: HashSet<u64> = delivered_seqs(&sandbox).into_iter().collect();
+        let dead = publisher.ready(&names.dlq).await as u64;
+        if seqs.len() as u64 + dead >= total || Instant::now() > deadline {
+            break (seqs, dead);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if let Some(b) = bridge.take() {
+        b.stop().await;
+    }
+    let events = delivered_seqs(&sandbox).len() as u64;
+    let lost = total.saturating_sub(delivered.len() as u64 + dead);
+    let duplicated = events - delivered.len() as u64;
+    let faults: Vec<String> = faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("faults: {}", faults.join(" "));
+    println!(
+        "published {total} delivered {} dead-lettered {dead} lost {lost} duplicated {duplicated}",
+        delivered.len()
+    );
+    let _ = std::fs::remove_file(config);
+    if lost > 0 {
+        std::process::exit(1);
+    }
+}
