@@ -244,6 +244,13 @@ def step_render(chart: helm.Chart, value_files: list[Path]) -> dict[str, list[di
         check(bool(docs), f"render with {label} values: {len(docs)} manifests ({', '.join(kinds)})")
         check("/readyz" in notes and "dead-letter queue" in notes, f"NOTES.txt ({label}) explains readiness, metrics and the dead-letter queue")
         renders[label] = docs
+        # The bridge's own `check` reads these later (.ci/run), proving the chart's TOML
+        # is a config the binary accepts.
+        out_dir = os.environ.get("CHART_RENDER_DIR")
+        cms = by_kind(docs, "ConfigMap")
+        if out_dir and cms:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / f"{Path(label).stem}.toml").write_text(cms[0]["data"]["crisp-bridge.toml"])
     return renders
 
 

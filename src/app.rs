@@ -195,8 +195,10 @@ impl Session {
                     _ = tokio::time::sleep_until(until) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                self.pipeline.hold.clear();
             }
+            // Also clears a hold that expired before we got here, which would otherwise
+            // end every consuming session at once.
+            self.pipeline.hold.clear();
             if shutdown.is_cancelled() {
                 self.pipeline
                     .shutdown(self.config.delivery.shutdown_timeout)

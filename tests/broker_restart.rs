@@ -6,8 +6,7 @@
 #[path = "it/harness.rs"]
 mod harness;
 
-use harness::{eventually, BrokerClient, TestApp};
-use serde_json::json;
+use harness::{BrokerClient, TestApp};
 use std::process::Command;
 
 fn rabbitmqctl(args: &[&str]) -> bool {
@@ -36,31 +35,14 @@ async fn broker_restart_mid_stream_loses_nothing() {
         .state
         .set_latency(std::time::Duration::from_millis(20));
     let n = 40;
-    for i in 0..n {
-        app.publish(
-            "trial.started",
-            json!({"email": format!("p{i}@b.io"), "phase": "started"})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
-    }
+    app.publish_people(n).await;
     app.events(5).await;
     assert!(rabbitmqctl(&["stop_app"]), "rabbitmqctl stop_app");
     app.wait_ready(503).await;
     assert!(rabbitmqctl(&["start_app"]), "rabbitmqctl start_app");
     assert!(rabbitmqctl(&["await_startup"]));
     app.wait_ready(200).await;
-    let state = app.sandbox.state.clone();
-    let events = eventually("every message delivered after the restart", || {
-        let events = state.events();
-        async move {
-            let distinct: std::collections::HashSet<_> =
-                events.iter().map(|e| e.people_id.clone()).collect();
-            (distinct.len() == n).then_some(events)
-        }
-    })
-    .await;
+    let events = app.events_for_people(n).await;
     eprintln!(
         "broker restart: published {n}, delivered {n}, lost 0, duplicates {}",
         events.len() - n

@@ -74,9 +74,7 @@ async fn server_errors_are_retried_until_crisp_accepts() {
         .map(|a| a.status)
         .collect();
     assert_eq!(statuses, vec![503, 503, 502, 200]);
-    app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
-    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    app.stop_with_empty_queues().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,9 +142,7 @@ async fn crisp_unreachable_then_back() {
     })
     .await;
     assert_eq!(events.len(), 1);
-    app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
-    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    app.stop_with_empty_queues().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,9 +173,7 @@ async fn refused_credentials_pause_everything_and_dead_letter_nothing() {
     app.wait_ready(200).await;
     let events = app.events(5).await;
     assert_eq!(events.len(), 5);
-    app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
-    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    app.stop_with_empty_queues().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,19 +185,11 @@ async fn graceful_stop_finishes_in_flight_and_requeues_the_rest() {
         .await;
     app.sandbox.state.set_latency(Duration::from_millis(200));
     let n = 20;
-    for i in 0..n {
-        app.publish(
-            "trial.started",
-            json!({"email": format!("p{i}@b.io"), "phase": "started"})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
-    }
+    app.publish_people(n).await;
     app.events(1).await;
     app.stop().await;
-    let delivered = app.sandbox.state.events().len() as u32;
-    let back = app.broker.ready(&app.names.queue).await;
+    let delivered = app.sandbox.state.events().len();
+    let back = app.broker.ready(&app.names.queue).await as usize;
     assert_eq!(
         delivered + back,
         n,
@@ -227,33 +213,17 @@ async fn broker_connection_cut_mid_stream_loses_nothing() {
         .await;
     app.sandbox.state.set_latency(Duration::from_millis(20));
     let n = 30;
-    for i in 0..n {
-        let body = json!({"email": format!("p{i}@b.io"), "phase": "started"}).to_string();
-        let props = lapin::BasicProperties::default().with_message_id(format!("evt-{i}").into());
-        app.publish_with("trial.started", body.as_bytes(), props)
-            .await;
-    }
+    app.publish_people(n).await;
     app.events(5).await;
     assert!(
         proxy.cut() > 0,
         "the bridge was connected through the proxy"
     );
     app.wait_ready(200).await;
-    let events = eventually("every message delivered after the cut", || {
-        let state = app.sandbox.state.clone();
-        async move {
-            let events = state.events();
-            let distinct: std::collections::HashSet<_> =
-                events.iter().map(|e| e.people_id.clone()).collect();
-            (distinct.len() == n).then_some(events)
-        }
-    })
-    .await;
+    let events = app.events_for_people(n).await;
     let duplicates = events.len() - n;
     eprintln!("connection cut: {n} published, {n} delivered, {duplicates} duplicate(s)");
-    app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
-    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    app.stop_with_empty_queues().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,22 +234,12 @@ async fn crisp_down_for_a_while_then_everything_arrives() {
         .await;
     app.sandbox.state.push_fault(fault(503, 40));
     let n = 10;
-    for i in 0..n {
-        app.publish(
-            "trial.started",
-            json!({"email": format!("p{i}@b.io"), "phase": "started"})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
-    }
+    app.publish_people(n).await;
     // Pods stay ready while Crisp fails: restarting would not help.
     assert_eq!(app.readyz().await, 200);
     let events = app.events(n).await;
     assert_eq!(events.len(), n, "each message posted once");
-    app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
-    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    app.stop_with_empty_queues().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,16 +251,8 @@ async fn a_429_storm_slows_down_but_loses_and_duplicates_nothing() {
     app.sandbox.state.push_fault(fault(429, 30));
     app.sandbox.state.push_fault(fault(420, 10));
     let n = 20;
-    for i in 0..n {
-        app.publish(
-            "trial.started",
-            json!({"email": format!("p{i}@b.io"), "phase": "started"})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
-    }
-    let events = app.events(n).await;
+    app.publish_people(n).await;
+    let events = app.events_for_people(n).await;
     let distinct: std::collections::HashSet<_> = events.iter().map(|e| &e.people_id).collect();
     assert_eq!(
         (events.len(), distinct.len()),
@@ -338,9 +290,7 @@ async fn a_spent_quota_holds_messages_in_the_broker() {
     // After the hold, consumption resumes by itself and the event is sent.
     app.wait_ready(200).await;
     app.events(1).await;
-    app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
-    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+    app.stop_with_empty_queues().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

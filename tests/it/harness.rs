@@ -306,6 +306,32 @@ impl TestApp {
             .await;
     }
 
+    /// Publishes `n` trial events, one per person `p{i}@b.io`, with message ids `evt-{i}`.
+    pub async fn publish_people(&self, n: usize) {
+        for i in 0..n {
+            let body =
+                serde_json::json!({"email": format!("p{i}@b.io"), "phase": "started"}).to_string();
+            let props = BasicProperties::default().with_message_id(format!("evt-{i}").into());
+            self.publish_with("trial.started", body.as_bytes(), props)
+                .await;
+        }
+    }
+
+    /// Waits until each of the `n` people of [`Self::publish_people`] got an event; returns
+    /// every event received, duplicates included.
+    pub async fn events_for_people(&self, n: usize) -> Vec<ReceivedEvent> {
+        let state = self.sandbox.state.clone();
+        eventually(&format!("an event for each of {n} people"), || {
+            let events = state.events();
+            async move {
+                let people: std::collections::HashSet<_> =
+                    events.iter().map(|e| e.people_id.clone()).collect();
+                (people.len() == n).then_some(events)
+            }
+        })
+        .await
+    }
+
     /// Waits until the sandbox holds `n` events, and returns them.
     pub async fn events(&self, n: usize) -> Vec<ReceivedEvent> {
         let state = self.sandbox.state.clone();
@@ -314,6 +340,22 @@ impl TestApp {
             async move { (events.len() >= n).then_some(events) }
         })
         .await
+    }
+
+    /// Stops gracefully and asserts nothing is left: every message was acked, none
+    /// dead-lettered.
+    pub async fn stop_with_empty_queues(&mut self) {
+        self.stop().await;
+        assert_eq!(
+            self.broker.ready(&self.names.queue).await,
+            0,
+            "messages left in the main queue"
+        );
+        assert_eq!(
+            self.broker.ready(&self.names.dlq).await,
+            0,
+            "messages in the dead-letter queue"
+        );
     }
 
     pub async fn readyz(&self) -> u16 {
