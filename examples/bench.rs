@@ -59,5 +59,6 @@ async fn main() {
         n as f64 / elapsed,
         n as f64 / publish_s
     );
+    publisher.delete(&names).await;
     let _ = std::fs::remove_file(config);
 }

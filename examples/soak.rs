@@ -215,6 +215,7 @@ async fn main() {
         "published {total} delivered {} dead-lettered {dead} lost {lost} duplicated {duplicated}",
         delivered.len()
     );
+    publisher.delete(&names).await;
     let _ = std::fs::remove_file(config);
     if lost > 0 {
         std::process::exit(1);

@@ -15,6 +15,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Longest wait for the broker to answer a close; the process exits regardless.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest wait between two broker connection attempts.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -141,7 +144,8 @@ impl Session {
             self.health.set_broker(false);
             match lost {
                 None => {
-                    let _ = connection.close(200, "crisp-bridge stopping".into()).await;
+                    let closing = connection.close(200, "crisp-bridge stopping".into());
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
                     return;
                 }
                 Some(why) => {
@@ -226,7 +230,8 @@ impl Session {
                     // Held deliveries requeue at once; then let go of the channel so
                     // nothing stays reserved for this pod while it waits.
                     self.pipeline.wait_idle().await;
-                    let _ = channel.close(200, "crisp-bridge pausing".into()).await;
+                    let closing = channel.close(200, "crisp-bridge pausing".into());
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
                 }
                 SessionEnd::BrokerLost(why) => return Some(why),
             }

@@ -226,6 +226,22 @@ impl Publisher {
             .unwrap_or(0)
     }
 
+    /// Deletes the queues and exchanges of a run.
+    pub async fn delete(&self, names: &Names) {
+        for queue in [&names.queue, &names.dlq] {
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+        for exchange in [&names.exchange, &names.dlx] {
+            let _ = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+
     /// Declares the bridge's topology so messages can be published before it starts.
     pub async fn declare(&self, config: &Path) {
         let config = crisp_bridge::config::load(Some(config)).expect("config");

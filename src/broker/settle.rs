@@ -12,6 +12,9 @@ pub const HEADER_REASON: &str = "x-crisp-bridge-reason";
 pub const HEADER_DETAIL: &str = "x-crisp-bridge-detail";
 pub const HEADER_RULE: &str = "x-crisp-bridge-rule";
 
+/// Longest wait for the broker to confirm a dead-letter copy.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How a settlement went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
@@ -101,13 +104,17 @@ async fn dead_letter(
             properties,
         )
         .await;
+    // A confirm that never comes (a half-dead connection) must not hold the message.
     let confirmed = match published {
-        Ok(confirm) => confirm.await.map(|c| c.is_ack()),
-        Err(e) => Err(e),
+        Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map(|c| c.map(|c| c.is_ack()).unwrap_or(false))
+            .unwrap_or(false),
+        Err(_) => false,
     };
     match confirmed {
-        Ok(true) => outcome(delivery.acker.ack(BasicAckOptions::default()).await),
-        Ok(false) | Err(_) => {
+        true => outcome(delivery.acker.ack(BasicAckOptions::default()).await),
+        false => {
             tracing::error!(
                 reason = dl.reason.code(),
                 exchange,

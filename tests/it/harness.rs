@@ -376,7 +376,9 @@ impl TestApp {
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            task.await
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the app did not stop within the test's wait")
                 .expect("app task panicked")
                 .expect("app stopped cleanly");
         }
@@ -386,7 +388,45 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        delete_topology(&self.names);
     }
+}
+
+/// Deletes a test's queues and exchanges, so test runs do not pile up quorum queues
+/// on the broker. Runs on its own thread: `Drop` cannot await.
+pub fn delete_topology(names: &Names) {
+    let names = names.clone();
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Some(url) = BROKER_URL.get().cloned() else {
+                return;
+            };
+            let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            if let Ok(channel) = connection.create_channel().await {
+                for queue in [&names.queue, &names.dlq] {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), Default::default())
+                        .await;
+                }
+                for exchange in [&names.exchange, &names.dlx] {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), Default::default())
+                        .await;
+                }
+            }
+            let _ = connection.close(200, "test cleanup".into()).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 impl TestAppBuilder {

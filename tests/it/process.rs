@@ -146,6 +146,7 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.config);
+        crate::harness::delete_topology(&self.names);
     }
 }
 
