@@ -51,6 +51,11 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+if [ "$got" -lt "$expected" ]; then
+  echo "only $got of $expected events reached the sandbox; logs in $logs" >&2
+  exit 1
+fi
+
 echo "== what the Crisp sandbox received"
 curl -fsS http://127.0.0.1:8787/
 echo "== dead letters (trial.ended has no valid email): see the bridge log"

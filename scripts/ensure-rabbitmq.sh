@@ -10,6 +10,25 @@ fi
 
 log() { echo "ensure-rabbitmq: $*" >&2; }
 
+wait_port() {
+  for _ in $(seq 1 90); do
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && return 0
+    sleep 1
+  done
+  return 1
+}
+
+if ! command -v rabbitmq-server >/dev/null 2>&1 && ! command -v apt-get >/dev/null 2>&1 \
+   && command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+  # No Debian packages here, but a Docker engine: run the broker in a container.
+  if ! docker ps --format '{{.Names}}' | grep -qx crisp-bridge-rabbitmq; then
+    log "starting RabbitMQ in Docker (container crisp-bridge-rabbitmq)"
+    docker run -d --rm --name crisp-bridge-rabbitmq -p 127.0.0.1:5672:5672 rabbitmq:3.13 >&2
+  fi
+  wait_port && sleep 3 && { echo "amqp://guest:guest@127.0.0.1:5672/%2f"; exit 0; }
+  log "the RabbitMQ container did not open port 5672"; exit 1
+fi
+
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     log "installing rabbitmq-server with apt-get"
