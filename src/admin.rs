@@ -1,6 +1,6 @@
 //! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
 
-use crate::pipeline::CrispGate;
+use crate::pipeline::{CrispGate, Hold};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -16,14 +16,16 @@ pub struct Health {
     pub broker_connected: AtomicBool,
     pub consuming: AtomicBool,
     pub gate: Arc<CrispGate>,
+    pub hold: Arc<Hold>,
 }
 
 impl Health {
-    pub fn new(gate: Arc<CrispGate>) -> Self {
+    pub fn new(gate: Arc<CrispGate>, hold: Arc<Hold>) -> Self {
         Self {
             broker_connected: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
             gate,
+            hold,
         }
     }
 
@@ -41,6 +43,10 @@ impl Health {
             Some("not connected to RabbitMQ")
         } else if self.gate.is_refused() {
             Some("Crisp refuses our credentials, plan or website id")
+        } else if self.hold.is_holding() {
+            Some(
+                "holding: Crisp keeps rate limiting us (daily quota?); messages wait in the broker",
+            )
         } else if !self.consuming.load(Ordering::Acquire) {
             Some("not consuming")
         } else {

@@ -58,7 +58,10 @@ impl App {
                 dead_letter_exchange: config.amqp.dead_letter_exchange.clone(),
             },
         );
-        let health = Arc::new(Health::new(Arc::clone(&pipeline.gate)));
+        let health = Arc::new(Health::new(
+            Arc::clone(&pipeline.gate),
+            Arc::clone(&pipeline.hold),
+        ));
         Ok(Self {
             config: Arc::new(config),
             pipeline,

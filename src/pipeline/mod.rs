@@ -53,7 +53,7 @@ pub struct Pipeline {
     lanes: Lanes<Job>,
     dedup: Dedup,
     pub gate: Arc<CrispGate>,
-    pub hold: Hold,
+    pub hold: Arc<Hold>,
     tasks: TaskTracker,
     /// Shutdown began: start nothing new, requeue what waits.
     stopping: CancellationToken,
@@ -72,7 +72,7 @@ impl Pipeline {
             settings,
             lanes: Lanes::default(),
             gate: Arc::new(CrispGate::default()),
-            hold: Hold::default(),
+            hold: Arc::new(Hold::default()),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),

@@ -295,6 +295,13 @@ async fn a_spent_quota_holds_messages_in_the_broker() {
     });
     app.publish("trial.started", TRIAL).await;
     app.wait_ready(503).await;
+    let why = reqwest::get(format!("http://{}/readyz", app.admin))
+        .await
+        .expect("readyz")
+        .text()
+        .await
+        .expect("body");
+    assert!(why.contains("holding"), "{why}");
     eventually("the message held in the broker", || async {
         (app.broker.ready(&app.names.queue).await == 1).then_some(())
     })
