@@ -21,7 +21,9 @@ pub fn init_logging(config: &LogConfig) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        // Colour codes only for a person at a terminal, never in files or collectors.
+        .with_ansi(std::io::stdout().is_terminal());
     let result = if json {
         builder
             .json()

@@ -402,3 +402,39 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     assert_eq!(setup.broker.ready(&setup.names.queue).await, 0);
     assert_eq!(setup.broker.ready(&setup.names.dlq).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_message() {
+    let setup = Setup::new("second-signal", KEY).await;
+    // Crisp answers after 20 s: the first SIGTERM would wait shutdown_timeout (5 s).
+    setup
+        .sandbox
+        .state
+        .set_latency(std::time::Duration::from_secs(20));
+    let mut bridge = setup.spawn(&[]).await;
+    setup.publish_trials(1).await;
+    eventually("the message to be taken", || async {
+        (setup.broker.ready(&setup.names.queue).await == 0).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    bridge.signal("TERM");
+    bridge.signal("TERM");
+    let status = bridge.wait_exit().await;
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit at once on the second signal"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The unacked message went back to the queue with the connection.
+    eventually("the message back in the queue", || async {
+        (setup.broker.ready(&setup.names.queue).await == 1).then_some(())
+    })
+    .await;
+    assert!(setup.sandbox.state.events().is_empty());
+}
