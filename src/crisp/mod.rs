@@ -9,10 +9,14 @@ use crate::config::{CrispConfig, Secret};
 use crate::route::CrispEvent;
 use crate::telemetry::metrics;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use std::time::{Instant, SystemTime};
 
 pub const USER_AGENT: &str = concat!("crisp-bridge/", env!("CARGO_PKG_VERSION"));
+
+/// Most bytes of an error answer we read: Crisp's envelopes are tiny, and a proxy's
+/// page or a hostile server's endless body must not cost memory.
+pub const MAX_ERROR_BODY: usize = 4 * 1024;
 
 /// Characters escaped in a path segment: everything outside RFC 3986's unreserved set
 /// and `@`. `+` is escaped too, so no server can read it as a space.
@@ -69,6 +73,9 @@ impl CrispClient {
         );
         let http = reqwest::Client::builder()
             .default_headers(headers)
+            // Crisp never redirects; following one would turn a POST into a GET counted
+            // as delivered, or carry the event and the email to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
             .timeout(config.timeout)
             .build()
@@ -93,7 +100,8 @@ impl CrispClient {
             self.website_url,
             encode_segment(people_id)
         );
-        self.send(self.http.post(url).json(event)).await
+        self.send(self.http.post(url), Some(json_body(event)?))
+            .await
     }
 
     /// `POST /website/{website_id}/people/profile`; an existing profile counts as success.
@@ -101,7 +109,10 @@ impl CrispClient {
         let nickname = email.split('@').next().unwrap_or(email);
         let body = serde_json::json!({ "email": email, "person": { "nickname": nickname } });
         let url = format!("{}/people/profile", self.website_url);
-        match self.send(self.http.post(url).json(&body)).await {
+        match self
+            .send(self.http.post(url), Some(json_body(&body)?))
+            .await
+        {
             Err(e) if e.reason.as_deref() == Some("people_exists") => Ok(()),
             other => other,
         }
@@ -111,16 +122,23 @@ impl CrispClient {
     /// `people_not_found` for a random id means yes.
     pub async fn probe(&self) -> Result<(), CrispError> {
         let url = format!("{}/people/profile/{}", self.website_url, uuid::Uuid::nil());
-        match self.send(self.http.get(url)).await {
+        match self.send(self.http.get(url), None).await {
             Err(e) if e.failure == Failure::PeopleNotFound => Ok(()),
             other => other,
         }
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(), CrispError> {
-        let request = request
-            .basic_auth(self.identifier.expose(), Some(self.key.expose()))
-            .header(CONTENT_TYPE, "application/json");
+    /// Sends one request. Every header is set exactly once here or by the client's
+    /// defaults (`X-Crisp-Tier`, `User-Agent`); `Content-Type` only with a body.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        body: Option<Vec<u8>>,
+    ) -> Result<(), CrispError> {
+        let mut request = request.basic_auth(self.identifier.expose(), Some(self.key.expose()));
+        if let Some(body) = body {
+            request = request.header(CONTENT_TYPE, "application/json").body(body);
+        }
         let started = Instant::now();
         let result = request.send().await;
         metrics::crisp_request_duration(started.elapsed());
@@ -144,15 +162,44 @@ impl CrispClient {
         if status.is_success() {
             return Ok(());
         }
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| classify::parse_retry_after(v, SystemTime::now()));
-        // Bodies of errors are small envelopes; a broken one is still classified by status.
-        let body = response.bytes().await.unwrap_or_default();
-        Err(classify::classify(status.as_u16(), &body, retry_after))
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        let retry_after =
+            header(RETRY_AFTER).and_then(|v| classify::parse_retry_after(v, SystemTime::now()));
+        let location = header(LOCATION).map(str::to_owned);
+        // A broken or cut body is still classified by its status.
+        let body = read_bounded(response, MAX_ERROR_BODY).await;
+        let mut error = classify::classify(status.as_u16(), &body, retry_after);
+        if status.is_redirection() {
+            error.message = classify::redirect_message(status.as_u16(), location.as_deref());
+        }
+        Err(error)
     }
+}
+
+/// The JSON body of a request; our own types always serialize.
+fn json_body<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CrispError> {
+    serde_json::to_vec(value)
+        .map_err(|e| CrispError::transport(format!("cannot encode the request body: {e}")))
+}
+
+/// At most `limit` bytes of an answer's body; the rest is never read.
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
 }
 
 /// The error and its causes, without the URL (it holds the people id).

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Delay before retry number `attempt` (0-based): a random duration up to
-/// `initial * 2^attempt` capped at `max` (full jitter), or exactly `Retry-After` when
-/// Crisp sent one, even beyond `max`.
+/// `initial * 2^attempt` capped at `max` (full jitter), or `Retry-After` when Crisp sent
+/// one, even beyond `max` (but never below `initial`).
 pub fn backoff(
     attempt: u32,
     initial: Duration,
@@ -16,7 +16,8 @@ pub fn backoff(
     retry_after: Option<Duration>,
 ) -> Duration {
     if let Some(after) = retry_after {
-        return after;
+        // `0` or a past date would retry at once, in a tight loop: never below `initial`.
+        return after.max(initial);
     }
     let ceiling = initial
         .saturating_mul(2u32.saturating_pow(attempt.min(20)))

@@ -1,11 +1,14 @@
 //! The Crisp routes crisp-bridge uses, answered the way `shared/CRISP_API.md` says Crisp
 //! answers them.
 
+use super::raw::{raw_lines, RAW_LINES_HEADER, SINGLETON_HEADERS, VIOLATION_HEADER};
 use super::{Attempt, Fault, Inner, ReceivedEvent, SandboxState};
 use crate::outcome::mask_people_id;
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -17,15 +20,18 @@ const COLORS: [&str; 10] = [
     "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "grey", "black",
 ];
 
-pub(super) fn routes() -> Router<SandboxState> {
+pub(super) fn routes(state: SandboxState) -> Router<SandboxState> {
+    // Requests a test or a user makes to read back are not Crisp attempts.
+    let read_back = Router::new()
+        .route(
+            "/v1/website/{website_id}/people/events/{people_id}/list/{page}",
+            get(list_events),
+        )
+        .route_layer(middleware::from_fn(strict));
     Router::new()
         .route(
             "/v1/website/{website_id}/people/events/{people_id}",
             post(add_event),
-        )
-        .route(
-            "/v1/website/{website_id}/people/events/{people_id}/list/{page}",
-            get(list_events),
         )
         .route(
             "/v1/website/{website_id}/people/profile",
@@ -35,6 +41,112 @@ pub(super) fn routes() -> Router<SandboxState> {
             "/v1/website/{website_id}/people/profile/{people_id}",
             get(get_profile),
         )
+        .route_layer(middleware::from_fn(strict))
+        // Outermost, so refused requests are recorded too.
+        .route_layer(middleware::from_fn_with_state(state, record))
+        .merge(read_back)
+}
+
+/// Refuses what a strict HTTP front end refuses, before any Crisp logic: a repeated
+/// singleton header, or a POST whose body is not declared `application/json`.
+async fn strict(request: Request, next: Next) -> Response {
+    match refusal(request.method(), request.headers()) {
+        Some(response) => response,
+        None => next.run(request).await,
+    }
+}
+
+fn refusal(method: &Method, headers: &HeaderMap) -> Option<Response> {
+    // Seen on the raw bytes, before hyper merged identical repeats.
+    if let Some(repeated) = headers.get(VIOLATION_HEADER).and_then(|v| v.to_str().ok()) {
+        return Some(bad_request(
+            "duplicate_header",
+            format!("repeated singleton header(s) {repeated} (name=count); each may appear once (RFC 9110)"),
+        ));
+    }
+    for name in SINGLETON_HEADERS {
+        let count = headers.get_all(name).iter().count();
+        if count > 1 {
+            return Some(bad_request(
+                "duplicate_header",
+                format!("header `{name}` appears {count} times; it may appear once (RFC 9110)"),
+            ));
+        }
+    }
+    if method == Method::POST {
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+        let is_json = content_type.is_some_and(|c| {
+            let media = c.split(';').next().unwrap_or_default().trim();
+            media.eq_ignore_ascii_case("application/json")
+        });
+        if !is_json {
+            return Some(bad_request(
+                "invalid_content_type",
+                format!(
+                    "a POST must declare `Content-Type: application/json`, got {}",
+                    content_type.map_or("none".to_owned(), |c| format!("`{c}`"))
+                ),
+            ));
+        }
+    }
+    None
+}
+
+fn bad_request(reason: &str, message: String) -> Response {
+    envelope(
+        StatusCode::BAD_REQUEST,
+        true,
+        reason,
+        json!({ "message": message }),
+    )
+}
+
+/// Keeps each Crisp request (status and raw header lines) for `/_sandbox/attempts`.
+async fn record(State(state): State<SandboxState>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_owned();
+    let header_lines = match request
+        .headers()
+        .get(RAW_LINES_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(raw) => redact(raw_lines(raw)),
+        None => redact(header_lines(request.headers())),
+    };
+    let response = next.run(request).await;
+    state.lock().attempts.push(Attempt {
+        method,
+        path,
+        status: response.status().as_u16(),
+        header_lines,
+    });
+    response
+}
+
+fn header_lines(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(name, _)| *name != RAW_LINES_HEADER && *name != VIOLATION_HEADER)
+        .map(|(name, value)| format!("{name}: {}", String::from_utf8_lossy(value.as_bytes())))
+        .collect()
+}
+
+/// Header lines fit to show: the credential of `Authorization` replaced by its length.
+fn redact(lines: Vec<String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .map(|line| match line.split_once(':') {
+            Some((name, value)) if name.trim().eq_ignore_ascii_case("authorization") => {
+                match value.trim().split_once(' ') {
+                    Some((scheme, credential)) => {
+                        format!("{name}: {scheme} <redacted, {} bytes>", credential.len())
+                    }
+                    None => format!("{name}: <redacted>"),
+                }
+            }
+            _ => line,
+        })
+        .collect()
 }
 
 fn envelope(status: StatusCode, error: bool, reason: &str, data: Value) -> Response {
@@ -126,19 +238,9 @@ fn fault_response(fault: &Fault, status: u16) -> Response {
     response
 }
 
-fn record(state: &SandboxState, method: &Method, uri: &Uri, response: Response) -> Response {
-    state.lock().attempts.push(Attempt {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-        status: response.status().as_u16(),
-    });
-    response
-}
-
 async fn add_event(
     State(state): State<SandboxState>,
     Path((website_id, people_id)): Path<(String, String)>,
-    method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -154,11 +256,10 @@ async fn add_event(
     }
     if let Some(fault) = &fault {
         if let Some(status) = fault.status {
-            return record(&state, &method, &uri, fault_response(fault, status));
+            return fault_response(fault, status);
         }
     }
-    let response = accept_event(&state, website_id, people_id, &uri, &headers, &body);
-    record(&state, &method, &uri, response)
+    accept_event(&state, website_id, people_id, &uri, &headers, &body)
 }
 
 fn accept_event(
@@ -177,12 +278,6 @@ fn accept_event(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    if !content_type
-        .as_deref()
-        .is_some_and(|c| c.starts_with("application/json"))
-    {
-        return error(400, "invalid_data");
-    }
     let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(body) else {
         return error(400, "invalid_data");
     };
@@ -290,8 +385,6 @@ async fn list_events(
 async fn create_profile(
     State(state): State<SandboxState>,
     Path(website_id): Path<String>,
-    method: Method,
-    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -315,14 +408,12 @@ async fn create_profile(
             },
         }
     };
-    record(&state, &method, &uri, response)
+    response
 }
 
 async fn get_profile(
     State(state): State<SandboxState>,
     Path((website_id, people_id)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     let response = {
@@ -344,5 +435,5 @@ async fn get_profile(
             },
         }
     };
-    record(&state, &method, &uri, response)
+    response
 }

@@ -6,6 +6,7 @@
 
 mod control;
 mod crisp_routes;
+mod raw;
 
 use axum::Router;
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,10 @@ pub struct Attempt {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// Every header line exactly as received, in order (the credential in
+    /// `Authorization` redacted).
+    #[serde(default)]
+    pub header_lines: Vec<String>,
 }
 
 /// A fault served instead of (or before) the normal answer to the next event POSTs.
@@ -194,7 +199,7 @@ impl Inner {
 
 /// The sandbox's HTTP routes.
 pub fn router(state: SandboxState) -> Router {
-    crisp_routes::routes()
+    crisp_routes::routes(state.clone())
         .merge(control::routes())
         .with_state(state)
 }
@@ -216,7 +221,7 @@ impl Sandbox {
         let app = router(state.clone());
         let stopped = stop.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
+            let served = axum::serve(raw::RawHeadListener(listener), app)
                 .with_graceful_shutdown(async move { stopped.cancelled().await })
                 .await;
             if let Err(e) = served {

@@ -5,3 +5,4 @@ mod delivery;
 mod failures;
 mod harness;
 mod process;
+mod wire;

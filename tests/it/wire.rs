@@ -1,0 +1,393 @@
+//! What goes over the wire, read raw: every request the Crisp client sends, taken byte
+//! for byte from a plain TCP listener (no HTTP library to be kind), and the sandbox's
+//! refusal of what a strict server refuses.
+
+use crisp_bridge::config::{CrispConfig, Secret};
+use crisp_bridge::crisp::{CrispClient, Failure};
+use crisp_bridge::route::CrispEvent;
+use crisp_bridge::sandbox::{Sandbox, SandboxOptions, DEFAULT_WEBSITE_ID};
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request as it arrived: the request line, every header line in order, the body.
+#[derive(Debug)]
+struct RawRequest {
+    request_line: String,
+    header_lines: Vec<String>,
+    body: Vec<u8>,
+}
+
+/// Accepts one connection, reads one request (headers, then `Content-Length` bytes),
+/// answers `response` and closes.
+async fn capture_one(listener: &TcpListener, response: &str) -> RawRequest {
+    let (mut stream, _) = listener.accept().await.expect("accept");
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the client closed before the end of the headers");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).expect("headers are ASCII");
+    let mut lines = head.split("\r\n").map(str::to_owned);
+    let request_line = lines.next().expect("a request line");
+    let header_lines: Vec<String> = lines.collect();
+    let length: usize = header_lines
+        .iter()
+        .filter_map(|l| l.split_once(": "))
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse().expect("numeric content-length"))
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.expect("read body");
+        assert!(n > 0, "the client closed before the end of the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    stream
+        .write_all(response.as_bytes())
+        .await
+        .expect("write response");
+    let _ = stream.shutdown().await;
+    RawRequest {
+        request_line,
+        header_lines,
+        body,
+    }
+}
+
+fn client_for(addr: SocketAddr) -> CrispClient {
+    CrispClient::new(&CrispConfig {
+        website_id: Some(DEFAULT_WEBSITE_ID.into()),
+        identifier: Some(Secret::new("wire-id")),
+        key: Some(Secret::new("wire-key")),
+        api_url: format!("http://{addr}/v1"),
+        ..CrispConfig::default()
+    })
+    .expect("client")
+}
+
+const OK: &str = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 44\r\nConnection: close\r\n\r\n{\"error\":false,\"reason\":\"added\",\"data\":{}}";
+
+/// `base64("wire-id:wire-key")`
+const AUTH: &str = "authorization: Basic d2lyZS1pZDp3aXJlLWtleQ==";
+
+fn sorted(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort();
+    lines
+}
+
+fn expected(addr: SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut lines = vec![
+        "x-crisp-tier: plugin".to_owned(),
+        format!("user-agent: crisp-bridge/{}", env!("CARGO_PKG_VERSION")),
+        AUTH.to_owned(),
+        "accept: */*".to_owned(),
+        format!("host: {addr}"),
+    ];
+    lines.extend_from_slice(extra);
+    sorted(lines)
+}
+
+#[tokio::test]
+async fn every_request_sends_each_header_exactly_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = client_for(addr);
+    let website = format!("/v1/website/{DEFAULT_WEBSITE_ID}");
+
+    // The event POST.
+    let event = CrispEvent {
+        text: "order:created".into(),
+        color: Some("blue".into()),
+        data: serde_json::from_str(r#"{"order_id":"A-1","total":42.5}"#).unwrap(),
+    };
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move { client.add_event("jane+x@example.com", &event).await }
+    });
+    let raw = capture_one(&listener, OK).await;
+    sending.await.unwrap().expect("200 is a success");
+    let body = br#"{"text":"order:created","color":"blue","data":{"order_id":"A-1","total":42.5}}"#;
+    assert_eq!(
+        raw.request_line,
+        format!("POST {website}/people/events/jane%2Bx@example.com HTTP/1.1")
+    );
+    assert_eq!(
+        sorted(raw.header_lines.clone()),
+        expected(
+            addr,
+            &[
+                "content-type: application/json".into(),
+                format!("content-length: {}", body.len()),
+            ]
+        ),
+        "event POST header lines: {:#?}",
+        raw.header_lines
+    );
+    assert_eq!(raw.body, body);
+
+    // The profile POST.
+    let creating = tokio::spawn({
+        let client = client.clone();
+        async move { client.create_profile("jane+x@example.com").await }
+    });
+    let raw = capture_one(&listener, OK).await;
+    creating.await.unwrap().expect("200 is a success");
+    let body = br#"{"email":"jane+x@example.com","person":{"nickname":"jane+x"}}"#;
+    assert_eq!(
+        raw.request_line,
+        format!("POST {website}/people/profile HTTP/1.1")
+    );
+    assert_eq!(
+        sorted(raw.header_lines.clone()),
+        expected(
+            addr,
+            &[
+                "content-type: application/json".into(),
+                format!("content-length: {}", body.len()),
+            ]
+        ),
+        "profile POST header lines: {:#?}",
+        raw.header_lines
+    );
+    assert_eq!(raw.body, body);
+
+    // The credential probe: a GET, so no Content-Type and no body.
+    let probing = tokio::spawn({
+        let client = client.clone();
+        async move { client.probe().await }
+    });
+    let raw = capture_one(&listener, OK).await;
+    probing
+        .await
+        .unwrap()
+        .expect("200 means the credentials work");
+    assert_eq!(
+        raw.request_line,
+        format!("GET {website}/people/profile/00000000-0000-0000-0000-000000000000 HTTP/1.1")
+    );
+    assert_eq!(
+        sorted(raw.header_lines.clone()),
+        expected(addr, &[]),
+        "probe GET header lines: {:#?}",
+        raw.header_lines
+    );
+    assert!(raw.body.is_empty());
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = client_for(addr);
+    for status in [
+        "301 Moved Permanently",
+        "302 Found",
+        "307 Temporary Redirect",
+        "308 Permanent Redirect",
+    ] {
+        let event = CrispEvent {
+            text: "t".into(),
+            color: None,
+            data: Default::default(),
+        };
+        let sending = tokio::spawn({
+            let client = client.clone();
+            async move { client.add_event("jane@example.com", &event).await }
+        });
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nLocation: http://{addr}/elsewhere/jane@example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        capture_one(&listener, &answer).await;
+        let error = sending
+            .await
+            .unwrap()
+            .expect_err("a redirect is never a success");
+        assert_eq!(error.failure, Failure::Refused, "{status}");
+        assert!(
+            error
+                .message
+                .contains(&format!("http://{addr}/elsewhere/j***@example.com")),
+            "{}",
+            error.message
+        );
+        // Nothing followed the Location: no second connection arrives.
+        let second =
+            tokio::time::timeout(std::time::Duration::from_millis(300), listener.accept()).await;
+        assert!(
+            second.is_err(),
+            "{status}: the client followed the redirect"
+        );
+    }
+}
+
+#[tokio::test]
+async fn error_bodies_are_read_only_up_to_a_bound() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = client_for(addr);
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .add_event(
+                    "jane@example.com",
+                    &CrispEvent {
+                        text: "t".into(),
+                        color: None,
+                        data: Default::default(),
+                    },
+                )
+                .await
+        }
+    });
+    // A 500 announcing 800 MB and sending it for as long as anyone reads.
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let mut head = [0u8; 8192];
+    let _ = stream.read(&mut head).await.unwrap();
+    stream
+        .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 800000000\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0usize;
+    let writer = async {
+        while stream.write_all(&chunk).await.is_ok() {
+            written += chunk.len();
+        }
+    };
+    // The writer stops when the client hangs up; a client that kept reading would
+    // keep it going until its own request timeout (10 s).
+    tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+        .await
+        .expect("the client kept reading the error body");
+    let error = sending.await.unwrap().expect_err("500");
+    assert_eq!(error.failure, Failure::Transient);
+    assert!(
+        written < 16 * 1024 * 1024,
+        "the client read {written} bytes of an error body"
+    );
+}
+
+/// Sends `request` raw to the sandbox and returns the status line and the body.
+async fn raw_exchange(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_sandbox_refuses_what_a_strict_server_refuses() {
+    let sandbox = Sandbox::start("127.0.0.1:0".parse().unwrap(), SandboxOptions::default())
+        .await
+        .unwrap();
+    let email = "jane@example.com";
+    sandbox.state.add_profile(email);
+    let path = format!("/v1/website/{DEFAULT_WEBSITE_ID}/people/events/{email}");
+    // base64("sandbox-identifier:sandbox-key")
+    let auth = "Authorization: Basic c2FuZGJveC1pZGVudGlmaWVyOnNhbmRib3gta2V5";
+    let body = r#"{"text":"t"}"#;
+    let request = |extra: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}\r\nX-Crisp-Tier: plugin\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            sandbox.addr,
+            body.len()
+        )
+    };
+
+    let (status, _) =
+        raw_exchange(sandbox.addr, &request("Content-Type: application/json\r\n")).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+
+    for (extra, header) in [
+        (
+            "Content-Type: application/json\r\nContent-Type: application/json\r\n",
+            "content-type",
+        ),
+        (
+            "Content-Type: application/json\r\nX-Crisp-Tier: plugin\r\n",
+            "x-crisp-tier",
+        ),
+        (
+            &format!("Content-Type: application/json\r\n{auth}\r\n"),
+            "authorization",
+        ),
+        (
+            &format!(
+                "Content-Type: application/json\r\nHost: {}\r\n",
+                sandbox.addr
+            ),
+            "host",
+        ),
+        (
+            &format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ),
+            "content-length",
+        ),
+    ] {
+        let (status, answer) = raw_exchange(sandbox.addr, &request(extra)).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "{header}: {status}");
+        assert!(
+            answer.contains("duplicate_header") && answer.contains(header),
+            "{header}: {answer}"
+        );
+    }
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/jsonp",
+    ] {
+        let (status, answer) = raw_exchange(
+            sandbox.addr,
+            &request(&format!("Content-Type: {content_type}\r\n")),
+        )
+        .await;
+        assert!(
+            status.starts_with("HTTP/1.1 400"),
+            "{content_type}: {status}"
+        );
+        assert!(answer.contains("invalid_content_type"), "{answer}");
+    }
+    let (status, answer) = raw_exchange(sandbox.addr, &request("")).await;
+    assert!(
+        status.starts_with("HTTP/1.1 400"),
+        "no content type: {status}"
+    );
+    assert!(answer.contains("invalid_content_type"), "{answer}");
+
+    // Only the one good request reached the events; the read-back shows the raw lines.
+    assert_eq!(sandbox.state.events().len(), 1);
+    let attempts = sandbox.state.attempts();
+    let refused = attempts
+        .iter()
+        .find(|a| a.status == 400)
+        .expect("a refused attempt is recorded");
+    let content_types = refused
+        .header_lines
+        .iter()
+        .filter(|l| l.starts_with("Content-Type: "))
+        .count();
+    assert_eq!(content_types, 2, "{:#?}", refused.header_lines);
+    assert!(refused
+        .header_lines
+        .contains(&"X-Crisp-Tier: plugin".to_owned()));
+    assert!(refused
+        .header_lines
+        .contains(&"Authorization: Basic <redacted, 40 bytes>".to_owned()));
+}
