@@ -9,11 +9,12 @@ mod harness;
 use harness::{BrokerClient, TestApp};
 use std::process::Command;
 
-/// The command that drives the broker under test: `CRISP_BRIDGE_TEST_RABBITMQCTL`
+/// The command that drives the broker under test: `TEST_RABBITMQCTL`
 /// (split on whitespace, e.g. `scripts/rabbitmqctl4` for the 4.x node of
-/// `scripts/ensure-rabbitmq4.sh`), else `rabbitmqctl`.
+/// `scripts/ensure-rabbitmq4.sh`), else `rabbitmqctl`. Not `CRISP_BRIDGE_*`: the bridge
+/// reads every such variable as a config key and refuses unknown ones.
 fn ctl_command() -> Vec<String> {
-    std::env::var("CRISP_BRIDGE_TEST_RABBITMQCTL")
+    std::env::var("TEST_RABBITMQCTL")
         .ok()
         .map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
         .filter(|c| !c.is_empty())
@@ -73,8 +74,8 @@ async fn broker_restart_mid_stream_loses_nothing() {
         // An explicit ctl that misses the broker is a setup error; without one the broker
         // is not local (a container or a remote AMQP_URL): nothing to restart.
         assert!(
-            std::env::var_os("CRISP_BRIDGE_TEST_RABBITMQCTL").is_none(),
-            "CRISP_BRIDGE_TEST_RABBITMQCTL {:?} does not drive the broker of {url}",
+            std::env::var_os("TEST_RABBITMQCTL").is_none(),
+            "TEST_RABBITMQCTL {:?} does not drive the broker of {url}",
             ctl_command()
         );
         eprintln!(

@@ -22,7 +22,7 @@ static BROKER_URL: OnceCell<String> = OnceCell::const_new();
 
 /// The broker under test: `AMQP_URL` (or `CRISP_BRIDGE_TEST_AMQP_URL`) when set, else a
 /// RabbitMQ container from testcontainers (needs a Docker engine):
-/// `CRISP_BRIDGE_TEST_RABBITMQ_IMAGE`, default [`DEFAULT_RABBITMQ_IMAGE`].
+/// `TEST_RABBITMQ_IMAGE`, default [`DEFAULT_RABBITMQ_IMAGE`].
 pub async fn amqp_url() -> String {
     BROKER_URL
         .get_or_init(|| async {
@@ -45,8 +45,8 @@ async fn start_container() -> String {
     use testcontainers_modules::testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
     use testcontainers_modules::testcontainers::{GenericImage, ImageExt};
-    let image = std::env::var("CRISP_BRIDGE_TEST_RABBITMQ_IMAGE")
-        .unwrap_or_else(|_| DEFAULT_RABBITMQ_IMAGE.to_string());
+    let image =
+        std::env::var("TEST_RABBITMQ_IMAGE").unwrap_or_else(|_| DEFAULT_RABBITMQ_IMAGE.to_string());
     let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
     // The testcontainers module waits for 3.8's exact startup line; every version since
     // logs "Server startup complete" once its listeners are up.
