@@ -17,9 +17,9 @@ CTL=("$HERE/rabbitmqctl4")
 log() { echo "ensure-rabbitmq4: $*" >&2; }
 now() { date +%s; }
 
+# debootstrap, chroot and mount need root.
 if [ "$(id -u)" -ne 0 ]; then
-  log "needs root (debootstrap, chroot, mount)"
-  exit 1
+  exec sudo --preserve-env=RABBITMQ4_ROOT,RABBITMQ4_MIRROR "$0" "$@"
 fi
 
 # The ctl wrapper uses the same root.
