@@ -1,8 +1,31 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, and integration tests against a real RabbitMQ and the
 # Crisp sandbox. Starts a local broker when AMQP_URL is not set.
+# TEST_RABBITMQ=4 runs them against RabbitMQ 4.x instead (Debian 13's, in a chroot on
+# port 5673: scripts/ensure-rabbitmq4.sh), e.g. only the integration tests:
+#   TEST_RABBITMQ=4 scripts/test.sh --test it --test broker_restart
+# (Test settings are not named CRISP_BRIDGE_*: the bridge reads those as config keys.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-AMQP_URL="$(scripts/ensure-rabbitmq.sh)"
+if [ "${TEST_RABBITMQ:-}" = 4 ]; then
+  AMQP_URL="$(scripts/ensure-rabbitmq4.sh)"
+  # tests/broker_restart.rs restarts the broker through this.
+  export TEST_RABBITMQCTL="$PWD/scripts/rabbitmqctl4"
+else
+  AMQP_URL="$(scripts/ensure-rabbitmq.sh)"
+fi
 export AMQP_URL
+
+# Name the broker version in the log, when the local rabbitmqctl drives the URL's node
+# (it lists an AMQP listener on the URL's port).
+ctl=(${TEST_RABBITMQCTL:-rabbitmqctl})
+port="$(sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*:?([0-9]*).*#\2#' <<<"$AMQP_URL")"
+status="$("${ctl[@]}" status 2>/dev/null || true)"
+if grep -q "port: ${port:-5672}, protocol: amqp," <<<"$status"; then
+  echo "test.sh: broker $AMQP_URL is RabbitMQ $("${ctl[@]}" version 2>/dev/null)," \
+    "$(grep -o 'Erlang/OTP [0-9]*' <<<"$status" | head -1)" >&2
+else
+  echo "test.sh: broker $AMQP_URL (version unknown: ${ctl[*]} does not drive it)" >&2
+fi
+
 cargo test --locked "$@"

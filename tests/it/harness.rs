@@ -20,15 +20,14 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 static BROKER_URL: OnceCell<String> = OnceCell::const_new();
 
-/// The broker under test: `AMQP_URL` (or `CRISP_BRIDGE_TEST_AMQP_URL`) when set, else a
-/// RabbitMQ container from testcontainers (needs a Docker engine).
+/// The broker under test: `AMQP_URL` when set, else a RabbitMQ container from
+/// testcontainers (needs a Docker engine): `TEST_RABBITMQ_IMAGE`, default
+/// [`DEFAULT_RABBITMQ_IMAGE`]. (No `CRISP_BRIDGE_*` name: the bridge under test would read
+/// it as an unknown config key and refuse to start.)
 pub async fn amqp_url() -> String {
     BROKER_URL
         .get_or_init(|| async {
-            if let Some(url) = ["CRISP_BRIDGE_TEST_AMQP_URL", "AMQP_URL"]
-                .iter()
-                .find_map(|v| std::env::var(v).ok())
-            {
+            if let Ok(url) = std::env::var("AMQP_URL") {
                 return url;
             }
             start_container().await
@@ -37,12 +36,22 @@ pub async fn amqp_url() -> String {
         .clone()
 }
 
+/// The RabbitMQ line users run.
+pub const DEFAULT_RABBITMQ_IMAGE: &str = "rabbitmq:4.1";
+
 async fn start_container() -> String {
-    use testcontainers_modules::rabbitmq::RabbitMq;
+    use testcontainers_modules::testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    use testcontainers_modules::testcontainers::ImageExt;
-    let container = RabbitMq::default()
-        .with_tag("3.8.22-management")
+    use testcontainers_modules::testcontainers::{GenericImage, ImageExt};
+    let image =
+        std::env::var("TEST_RABBITMQ_IMAGE").unwrap_or_else(|_| DEFAULT_RABBITMQ_IMAGE.to_string());
+    let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
+    // The testcontainers module waits for 3.8's exact startup line; every version since
+    // logs "Server startup complete" once its listeners are up.
+    let container = GenericImage::new(name, tag)
+        .with_exposed_port(5672.tcp())
+        .with_wait_for(WaitFor::message_on_either_std("Server startup complete"))
+        .with_startup_timeout(Duration::from_secs(180))
         .start()
         .await
         .expect("no AMQP_URL set and no Docker engine for testcontainers; set AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f");
