@@ -148,7 +148,7 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
     };
     // Only the rules must be valid: `map` is for trying rules without credentials.
     let router = match Router::compile(&loaded.rules) {
-        Ok(r) => r,
+        Ok(r) => r.with_max_data_keys(loaded.delivery.max_data_keys),
         Err(problems) => {
             print_problems(&problems);
             return ExitCode::FAILURE;
@@ -178,15 +178,21 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
             );
             println!("Content-Type: application/json");
             println!("X-Crisp-Tier: {}", loaded.crisp.tier.as_str());
-            println!(
-                "# rule: {}{}",
-                m.rule,
-                if m.stripped > 0 {
-                    format!(", {} secret-looking field(s) stripped", m.stripped)
-                } else {
-                    String::new()
+            let mut notes = vec![format!("# rule: {}", m.rule)];
+            let c = &m.counts;
+            for (n, what) in [
+                (c.stripped, "secret-looking field(s) stripped"),
+                (
+                    c.collisions,
+                    "key collision(s) after Crisp's key rule (first value kept)",
+                ),
+                (c.dropped, "key(s) over delivery.max_data_keys left out"),
+            ] {
+                if n > 0 {
+                    notes.push(format!("{n} {what}"));
                 }
-            );
+            }
+            println!("{}", notes.join(", "));
             match serde_json::to_string(&m.event) {
                 Ok(json) => println!("\n{json}"),
                 Err(e) => {

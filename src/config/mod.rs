@@ -250,6 +250,9 @@ pub struct DeliveryConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub dedup_window: Duration,
+    /// Most `data` keys one event carries after flattening; the rest are left out and
+    /// counted (`crisp_bridge_data_keys_dropped_total`).
+    pub max_data_keys: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -263,6 +266,7 @@ impl Default for DeliveryConfig {
             unmatched: Unmatched::Ack,
             shutdown_timeout: Duration::from_secs(25),
             dedup_window: Duration::from_secs(600),
+            max_data_keys: crate::route::map::DEFAULT_MAX_DATA_KEYS,
         }
     }
 }

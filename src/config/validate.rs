@@ -183,7 +183,9 @@ pub fn validate(config: Config) -> Result<Validated, Vec<Problem>> {
         );
     }
 
-    let router = Router::compile(&config.rules).map_err(|p| problems.extend(p));
+    let router = Router::compile(&config.rules)
+        .map(|r| r.with_max_data_keys(config.delivery.max_data_keys))
+        .map_err(|p| problems.extend(p));
     match (router, listen) {
         (Ok(router), Ok(listen)) if problems.is_empty() => Ok(Validated {
             config,

@@ -112,7 +112,7 @@ impl Pipeline {
                 );
             }
         };
-        metrics::fields_stripped(&mapped.rule, mapped.stripped);
+        metrics::data_counts(&mapped.rule, &mapped.counts);
         let key = mapped.people_id.clone();
         let job = Job {
             channel,

@@ -1,16 +1,22 @@
 //! Step 4: a matched message becomes a Crisp people event. Pure: no I/O.
 //!
-//! Crisp stores flat values, so a `data` pointer that selects an object or array is
-//! flattened: nested keys join with `.` and array items use their index
-//! (`{"items": [{"sku": "A"}]}` selected as `items` gives `items.0.sku = "A"`).
-//! `null` leaves are left out, and so is every secret-looking key, at any depth.
+//! Crisp stores flat values under keys that are lower-case `a-z 0-9 _ -`, so a `data`
+//! pointer that selects an object or array is flattened: levels join with `_` and array
+//! items use their index (`{"items": [{"sku": "A"}]}` selected as `items` gives
+//! `items_0_sku = "A"`), and every key is normalised by [`data_key`]. `null` leaves are
+//! left out, and so is every secret-looking key, judged on each level and on the whole
+//! key as sent. One rule yields at most `max_data_keys` keys.
 
 use super::pointer::is_secret_looking;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 /// Longest event text sent; Crisp's limit is unconfirmed and 200 characters is safe.
 pub const MAX_TEXT_CHARS: usize = 200;
+
+/// Default of `delivery.max_data_keys`: most `data` keys one event carries.
+pub const DEFAULT_MAX_DATA_KEYS: usize = 50;
 
 /// The body of `POST /website/{website_id}/people/events/{people_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -22,31 +28,97 @@ pub struct CrispEvent {
     pub data: Map<String, Value>,
 }
 
-/// Adds `value` under `key` to `out`, flattened; returns how many secret-looking keys
-/// were stripped.
-pub fn insert_flat(out: &mut Map<String, Value>, key: &str, value: &Value) -> usize {
-    match value {
-        Value::Null => 0,
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| {
-                if is_secret_looking(k) {
-                    // A stripped object counts once; its contents are never looked at.
-                    1
-                } else {
-                    insert_flat(out, &format!("{key}.{k}"), v)
-                }
+/// A key made to follow Crisp's custom-data rule: lower-cased, and every character
+/// outside `a-z 0-9 _ -` replaced by `_`.
+pub fn data_key(raw: &str) -> Cow<'_, str> {
+    if is_data_key(raw) {
+        return Cow::Borrowed(raw);
+    }
+    Cow::Owned(
+        raw.chars()
+            .flat_map(char::to_lowercase)
+            .map(|c| match c {
+                'a'..='z' | '0'..='9' | '_' | '-' => c,
+                _ => '_',
             })
-            .sum(),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| insert_flat(out, &format!("{key}.{i}"), v))
-            .sum(),
-        scalar => {
-            out.insert(key.to_owned(), scalar.clone());
-            0
+            .collect(),
+    )
+}
+
+/// True when `key` already follows Crisp's custom-data key rule.
+pub fn is_data_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+}
+
+/// What building one event's `data` left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataCounts {
+    /// Secret-looking keys removed (a stripped object counts once).
+    pub stripped: usize,
+    /// Keys that became the same as an earlier one after the key rule (the first, in
+    /// rule order then key order, wins).
+    pub collisions: usize,
+    /// Keys beyond `max_data_keys`.
+    pub dropped: usize,
+}
+
+/// Builds an event's flat `data`.
+#[derive(Debug)]
+pub struct DataBuilder {
+    data: Map<String, Value>,
+    counts: DataCounts,
+    max_keys: usize,
+}
+
+impl DataBuilder {
+    pub fn new(max_keys: usize) -> Self {
+        Self {
+            data: Map::new(),
+            counts: DataCounts::default(),
+            max_keys,
         }
+    }
+
+    /// Adds `value` under `key` (already a valid data key), flattened.
+    pub fn insert(&mut self, key: &str, value: &Value) {
+        match value {
+            Value::Null => {}
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let k = data_key(k);
+                    if is_secret_looking(&k) {
+                        // A stripped object counts once; its contents are never looked at.
+                        self.counts.stripped += 1;
+                    } else {
+                        self.insert(&format!("{key}_{k}"), v);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    self.insert(&format!("{key}_{i}"), v);
+                }
+            }
+            scalar => {
+                if is_secret_looking(key) {
+                    // `credit_card` + `number`: harmless alone, a card number together.
+                    self.counts.stripped += 1;
+                } else if self.data.contains_key(key) {
+                    self.counts.collisions += 1;
+                } else if self.data.len() >= self.max_keys {
+                    self.counts.dropped += 1;
+                } else {
+                    self.data.insert(key.to_owned(), scalar.clone());
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) -> (Map<String, Value>, DataCounts) {
+        (self.data, self.counts)
     }
 }
 
@@ -67,6 +139,10 @@ pub fn check_people_id(id: &str) -> Result<(), &'static str> {
     if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("contains a space or control character");
     }
+    if id.chars().any(is_format_char) {
+        // U+202E, U+200B, U+FEFF...: invisible, they make lookalike profiles.
+        return Err("contains an invisible Unicode format character (such as U+200B or U+202E)");
+    }
     if id.len() == 36 && uuid::Uuid::try_parse(id).is_ok() {
         return Ok(());
     }
@@ -82,15 +158,25 @@ pub fn check_people_id(id: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Unicode format characters (general category Cf): invisible or direction-changing.
+fn is_format_char(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x0600..=0x0605 | 0x061C | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F
+        | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn flat(v: Value) -> (Value, usize) {
-        let mut out = Map::new();
-        let n = insert_flat(&mut out, "k", &v);
-        (Value::Object(out), n)
+        let mut b = DataBuilder::new(DEFAULT_MAX_DATA_KEYS);
+        b.insert("k", &v);
+        let (data, counts) = b.finish();
+        (Value::Object(data), counts.stripped)
     }
 
     #[test]
@@ -101,13 +187,45 @@ mod tests {
     }
 
     #[test]
-    fn objects_and_arrays_flatten_with_dots_and_indexes() {
+    fn objects_and_arrays_flatten_with_underscores_and_indexes() {
         let (out, n) = flat(json!({"a": {"b": 1, "c": null}, "list": [true, {"sku": "X"}]}));
         assert_eq!(
             out,
-            json!({"k.a.b": 1, "k.list.0": true, "k.list.1.sku": "X"})
+            json!({"k_a_b": 1, "k_list_0": true, "k_list_1_sku": "X"})
         );
         assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn keys_follow_crisps_rule() {
+        assert_eq!(data_key("order_id"), "order_id");
+        assert_eq!(data_key("Order ID"), "order_id");
+        assert_eq!(data_key("card.Brand"), "card_brand");
+        assert_eq!(data_key("Prénom"), "pr_nom");
+        assert_eq!(data_key("a-b"), "a-b");
+        assert!(is_data_key("items_0_sku") && !is_data_key("Total") && !is_data_key(""));
+        let (out, _) = flat(json!({"First Name": "Jo", "Card": {"Brand": "visa"}}));
+        assert_eq!(out, json!({"k_first_name": "Jo", "k_card_brand": "visa"}));
+    }
+
+    #[test]
+    fn colliding_keys_keep_the_first_value_and_are_counted() {
+        let mut b = DataBuilder::new(DEFAULT_MAX_DATA_KEYS);
+        // Objects are read in key order (`A_B` < `a` < `a_b`), so the outcome does not
+        // depend on how the publisher ordered its JSON.
+        b.insert("k", &json!({"a_b": 1, "a": {"b": 2}, "A_B": 3}));
+        let (data, counts) = b.finish();
+        assert_eq!(Value::Object(data), json!({"k_a_b": 3}));
+        assert_eq!(counts.collisions, 2);
+    }
+
+    #[test]
+    fn at_most_max_keys_are_kept_and_the_rest_counted() {
+        let mut b = DataBuilder::new(3);
+        b.insert("k", &json!([1, 2, 3, 4, 5]));
+        let (data, counts) = b.finish();
+        assert_eq!(Value::Object(data), json!({"k_0": 1, "k_1": 2, "k_2": 3}));
+        assert_eq!(counts.dropped, 2);
     }
 
     #[test]
@@ -118,9 +236,24 @@ mod tests {
         }));
         assert_eq!(
             out,
-            json!({"k.name": "Jo", "k.card.brand": "visa", "k.items.0.sku": "A"})
+            json!({"k_name": "Jo", "k_card_brand": "visa", "k_items_0_sku": "A"})
         );
         assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn secrets_split_across_levels_are_judged_on_the_whole_key() {
+        let mut b = DataBuilder::new(DEFAULT_MAX_DATA_KEYS);
+        let doc = json!({"credit_card": {"number": "4111111111111111", "brand": "visa"}, "api": {"key": "k", "name": "n"}, "private": {"key": "p"}});
+        b.insert("credit_card", &doc["credit_card"]);
+        b.insert("api", &doc["api"]);
+        b.insert("private", &doc["private"]);
+        let (data, counts) = b.finish();
+        assert_eq!(
+            Value::Object(data),
+            json!({"credit_card_brand": "visa", "api_name": "n"})
+        );
+        assert_eq!(counts.stripped, 3);
     }
 
     #[test]
@@ -150,6 +283,10 @@ mod tests {
             "jane doe@example.com",
             "jane@example.com\n",
             "04ed9a29ccda4f46b2f3b151d2d90fa7",
+            "jane\u{202E}moc.elpmaxe@x",
+            "ja\u{200B}ne@example.com",
+            "\u{FEFF}jane@example.com",
+            "jane@exa\u{2060}mple.com",
         ] {
             assert!(check_people_id(bad).is_err(), "{bad:?}");
         }

@@ -11,10 +11,13 @@ pub use map::CrispEvent;
 
 use crate::config::{Problem, RuleConfig};
 use crate::outcome::{mask_people_id, DeadLetter, Reason};
-use map::{check_people_id, clamp_text, insert_flat, MAX_TEXT_CHARS};
+use map::{
+    check_people_id, clamp_text, data_key, is_data_key, DataBuilder, DataCounts,
+    DEFAULT_MAX_DATA_KEYS, MAX_TEXT_CHARS,
+};
 use pattern::TopicPattern;
 use pointer::{is_secret_looking, Pointer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::Arc;
 use template::Template;
@@ -38,6 +41,7 @@ struct Rule {
 #[derive(Debug)]
 pub struct Router {
     rules: Vec<Rule>,
+    max_data_keys: usize,
 }
 
 /// A message that a rule turned into a Crisp event.
@@ -46,8 +50,8 @@ pub struct Mapped {
     pub rule: Arc<str>,
     pub people_id: String,
     pub event: CrispEvent,
-    /// Secret-looking keys removed from selected objects.
-    pub stripped: usize,
+    /// What building `data` left out: secrets, key collisions, keys over the cap.
+    pub counts: DataCounts,
 }
 
 /// What routing decided for one message.
@@ -111,8 +115,24 @@ impl Router {
                 .iter()
                 .filter_map(|p| Pointer::parse(p).map_err(|e| at("people_id", e)).ok())
                 .collect();
+            for p in &people_id {
+                if let Some(t) = secret_token(p) {
+                    at(
+                        "people_id",
+                        format!("`{}` reads `{t}`, which looks like a secret; point at the email or people id instead", p.as_str()),
+                    );
+                }
+            }
             let text = Template::parse(&rule.text).map_err(|e| at("text", e)).ok();
             if let Some(t) = &text {
+                for p in t.pointers() {
+                    if let Some(token) = secret_token(p) {
+                        at(
+                            "text",
+                            format!("placeholder {{{}}} reads `{token}`, which looks like a secret; secrets are never sent to Crisp", p.as_str()),
+                        );
+                    }
+                }
                 if t.pointers().next().is_none() && rule.text.trim().is_empty() {
                     at(
                         "text",
@@ -143,6 +163,16 @@ impl Router {
             for (key, p) in &rule.data {
                 if key.trim().is_empty() {
                     at("data", "has an empty key".into());
+                    continue;
+                }
+                if !is_data_key(key) {
+                    at(
+                        &format!("data.{key}"),
+                        format!(
+                            "breaks Crisp's rule for custom data keys (lower-case `a-z`, `0-9`, `_` and `-` only); rename it `{}`",
+                            data_key(key)
+                        ),
+                    );
                     continue;
                 }
                 if is_secret_looking(key) {
@@ -177,10 +207,19 @@ impl Router {
             }
         }
         if problems.is_empty() {
-            Ok(Self { rules: compiled })
+            Ok(Self {
+                rules: compiled,
+                max_data_keys: DEFAULT_MAX_DATA_KEYS,
+            })
         } else {
             Err(problems)
         }
+    }
+
+    /// Sets `delivery.max_data_keys`: most `data` keys one event carries.
+    pub fn with_max_data_keys(mut self, max: usize) -> Self {
+        self.max_data_keys = max;
+        self
     }
 
     /// Distinct routing key patterns, in rule order: one queue binding each.
@@ -207,7 +246,7 @@ impl Router {
         }) else {
             return Routed::Unmatched;
         };
-        match map_with(rule, doc) {
+        match map_with(rule, doc, self.max_data_keys) {
             Ok(m) => Routed::Event(m),
             Err((reason, detail)) => {
                 Routed::Invalid(DeadLetter::new(reason, detail, Some(&rule.name)))
@@ -216,7 +255,7 @@ impl Router {
     }
 }
 
-fn map_with(rule: &Rule, doc: &Value) -> Result<Mapped, (Reason, String)> {
+fn map_with(rule: &Rule, doc: &Value, max_data_keys: usize) -> Result<Mapped, (Reason, String)> {
     let tried = || {
         rule.people_id
             .iter()
@@ -271,13 +310,13 @@ fn map_with(rule: &Rule, doc: &Value) -> Result<Mapped, (Reason, String)> {
     if text.trim().is_empty() {
         return Err((Reason::EmptyText, "text is empty after templating".into()));
     }
-    let mut data = Map::new();
-    let mut stripped = 0;
+    let mut data = DataBuilder::new(max_data_keys);
     for (key, pointer) in &rule.data {
         if let Some(v) = pointer.find(doc) {
-            stripped += insert_flat(&mut data, key, v);
+            data.insert(key, v);
         }
     }
+    let (data, counts) = data.finish();
     Ok(Mapped {
         rule: rule.name.clone(),
         people_id,
@@ -286,7 +325,7 @@ fn map_with(rule: &Rule, doc: &Value) -> Result<Mapped, (Reason, String)> {
             color: rule.color.clone(),
             data,
         },
-        stripped,
+        counts,
     })
 }
 
@@ -468,6 +507,38 @@ mod tests {
     }
 
     #[test]
+    fn check_refuses_bad_data_keys_and_secret_reads() {
+        let cfg = from_toml_str(
+            r##"
+            [[rules]]
+            name = "keys"
+            routing_key = "#"
+            people_id = ["/email", "/auth/token"]
+            text = "order:{/user/password}"
+            data = { "Order ID" = "/id", "card.brand" = "/b", ok_key-1 = "/c" }
+        "##,
+        )
+        .unwrap();
+        let joined = Router::compile(&cfg.rules)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        for needle in [
+            "data.Order ID: breaks Crisp's rule for custom data keys",
+            "rename it `order_id`",
+            "data.card.brand:",
+            "rename it `card_brand`",
+            "people_id: `/auth/token` reads `token`",
+            "text: placeholder {/user/password} reads `password`",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
+        assert!(!joined.contains("ok_key-1"), "{joined}");
+    }
+
+    #[test]
     fn mapped_events_match_the_published_event_schema() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("schemas/crisp-event.schema.json");
@@ -487,7 +558,7 @@ mod tests {
             .map(|e| e.to_string())
             .collect();
         assert!(errors.is_empty(), "{body}: {errors:?}");
-        assert_eq!(m.stripped, 3);
+        assert_eq!(m.counts.stripped, 3);
         // The schema itself refuses what the mapper must never produce.
         for bad in [
             json!({"text": ""}),

@@ -14,6 +14,8 @@ pub const CRISP_REQUESTS_TODAY: &str = "crisp_bridge_crisp_requests_today";
 pub const IN_FLIGHT: &str = "crisp_bridge_in_flight";
 pub const RETRIES: &str = "crisp_bridge_retries_total";
 pub const FIELDS_STRIPPED: &str = "crisp_bridge_fields_stripped_total";
+pub const DATA_KEY_COLLISIONS: &str = "crisp_bridge_data_key_collisions_total";
+pub const DATA_KEYS_DROPPED: &str = "crisp_bridge_data_keys_dropped_total";
 pub const STALE_ACKS: &str = "crisp_bridge_stale_settlements_total";
 pub const DUPLICATES: &str = "crisp_bridge_duplicates_suppressed_total";
 pub const BROKER_CONNECTS: &str = "crisp_bridge_broker_connections_total";
@@ -97,6 +99,14 @@ fn describe() {
         "Secret-looking keys removed from event data."
     );
     describe_counter!(
+        DATA_KEY_COLLISIONS,
+        "Event data keys that became the same as an earlier key after Crisp's key rule (the first value is kept)."
+    );
+    describe_counter!(
+        DATA_KEYS_DROPPED,
+        "Event data keys left out because one event would have carried more than delivery.max_data_keys."
+    );
+    describe_counter!(
         STALE_ACKS,
         "Acks, nacks or rejects for a delivery whose channel had died (the broker redelivers it)."
     );
@@ -136,9 +146,16 @@ pub fn retry() {
     counter!(RETRIES).increment(1);
 }
 
-pub fn fields_stripped(rule: &str, count: usize) {
-    if count > 0 {
-        counter!(FIELDS_STRIPPED, "rule" => rule.to_owned()).increment(count as u64);
+/// What mapping one event left out of its `data`.
+pub fn data_counts(rule: &str, counts: &crate::route::map::DataCounts) {
+    for (name, count) in [
+        (FIELDS_STRIPPED, counts.stripped),
+        (DATA_KEY_COLLISIONS, counts.collisions),
+        (DATA_KEYS_DROPPED, counts.dropped),
+    ] {
+        if count > 0 {
+            counter!(name, "rule" => rule.to_owned()).increment(count as u64);
+        }
     }
 }
 

@@ -83,7 +83,7 @@ async fn fallback_pointers_templates_and_flattening() {
     );
     assert_eq!(
         events[1].body,
-        r#"{"text":"trial:started","color":"green","data":{"account.id":9,"account.owner.name":"Al","plan":"pro"}}"#
+        r#"{"text":"trial:started","color":"green","data":{"account_id":9,"account_owner_name":"Al","plan":"pro"}}"#
     );
     app.stop().await;
 }
