@@ -42,7 +42,7 @@ impl Health {
         if !self.broker_connected.load(Ordering::Acquire) {
             Some("not connected to RabbitMQ")
         } else if self.gate.is_refused() {
-            Some("Crisp refuses our credentials, plan or website id")
+            Some("Crisp refuses our credentials, plan or website id, or redirects us (check crisp.api_url)")
         } else if self.hold.is_holding() {
             Some(
                 "holding: Crisp keeps rate limiting us (daily quota?); messages wait in the broker",

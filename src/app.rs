@@ -56,6 +56,7 @@ impl App {
                 delivery: config.delivery.clone(),
                 create_missing_profiles: config.crisp.create_missing_profiles,
                 dead_letter_exchange: config.amqp.dead_letter_exchange.clone(),
+                max_message_bytes: config.amqp.max_message_bytes,
             },
         );
         let health = Arc::new(Health::new(
@@ -188,7 +189,7 @@ impl Session {
     ) -> Option<String> {
         let amqp = &self.config.amqp;
         loop {
-            if self.pipeline.gate.is_refused() {
+            if !self.pipeline.gate.is_open() {
                 self.pipeline.wait_until_crisp_accepts(shutdown).await;
             }
             if let Some(until) = self.pipeline.hold.until() {
@@ -251,7 +252,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = self.pipeline.gate.refused() => break SessionEnd::Paused,
+                _ = self.pipeline.gate.closed() => break SessionEnd::Paused,
                 _ = self.pipeline.hold.started() => break SessionEnd::Paused,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => self.pipeline.handle(channel.clone(), delivery),

@@ -16,6 +16,8 @@ pub enum Reason {
     Unmatched,
     CrispRejected,
     PeopleNotFound,
+    SchemaViolation,
+    TooLarge,
 }
 
 impl Reason {
@@ -30,6 +32,8 @@ impl Reason {
             Reason::Unmatched => "unmatched",
             Reason::CrispRejected => "crisp_rejected",
             Reason::PeopleNotFound => "people_not_found",
+            Reason::SchemaViolation => "schema_violation",
+            Reason::TooLarge => "too_large",
         }
     }
 }

@@ -139,6 +139,9 @@ pub struct AmqpConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub consumer_timeout: Duration,
+    /// Largest message body handled; a larger one is dead-lettered `too_large` without
+    /// being parsed (memory stays bounded whatever publishers send).
+    pub max_message_bytes: usize,
 }
 
 impl Default for AmqpConfig {
@@ -154,6 +157,7 @@ impl Default for AmqpConfig {
             dead_letter_queue: "crisp-bridge.dead".into(),
             delivery_limit: 20,
             consumer_timeout: Duration::from_secs(30 * 60),
+            max_message_bytes: 1024 * 1024,
         }
     }
 }

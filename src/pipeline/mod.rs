@@ -9,7 +9,7 @@ mod lanes;
 mod limit;
 mod pace;
 
-pub use gate::{CrispGate, Hold};
+pub use gate::{CrispGate, GateState, Hold};
 
 use crate::broker::settle::{settle, Settled};
 use crate::config::{DeliveryConfig, Unmatched};
@@ -24,6 +24,9 @@ use lapin::message::Delivery;
 use lapin::Channel;
 use limit::AdaptiveLimit;
 use pace::{backoff, Pace};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -42,6 +45,7 @@ pub struct PipelineSettings {
     pub delivery: DeliveryConfig,
     pub create_missing_profiles: bool,
     pub dead_letter_exchange: String,
+    pub max_message_bytes: usize,
 }
 
 pub struct Pipeline {
@@ -54,6 +58,9 @@ pub struct Pipeline {
     dedup: Dedup,
     pub gate: Arc<CrispGate>,
     pub hold: Arc<Hold>,
+    /// Requests Crisp accepted since start: a message whose retries ran out while this
+    /// did not move saw an outage, not a problem of its own.
+    accepted: AtomicU64,
     tasks: TaskTracker,
     /// Shutdown began: start nothing new, requeue what waits.
     stopping: CancellationToken,
@@ -73,6 +80,7 @@ impl Pipeline {
             lanes: Lanes::default(),
             gate: Arc::new(CrispGate::default()),
             hold: Arc::new(Hold::default()),
+            accepted: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
@@ -86,9 +94,21 @@ impl Pipeline {
     /// Takes one delivery from the consumer. Never blocks on Crisp: deliveries run on
     /// their person's lane.
     pub fn handle(self: &Arc<Self>, channel: Channel, delivery: Delivery) {
-        let decision = decode(&delivery.data)
-            .map(|doc| self.router.route(delivery.routing_key.as_str(), &doc))
-            .unwrap_or_else(Routed::Invalid);
+        let max = self.settings.max_message_bytes;
+        let decision = if delivery.data.len() > max {
+            Routed::Invalid(DeadLetter::new(
+                Reason::TooLarge,
+                format!(
+                    "body is {} bytes, over amqp.max_message_bytes ({max}); not parsed",
+                    delivery.data.len()
+                ),
+                None,
+            ))
+        } else {
+            decode(&delivery.data)
+                .map(|doc| self.router.route(delivery.routing_key.as_str(), &doc))
+                .unwrap_or_else(Routed::Invalid)
+        };
         let mapped = match decision {
             Routed::Event(mapped) => mapped,
             Routed::Unmatched => {
@@ -141,30 +161,18 @@ impl Pipeline {
     async fn run_lane(self: Arc<Self>, key: String, first: Job) {
         let mut job = first;
         loop {
-            let message_id = job
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str());
-            let disposition = if !job.delivery.acker.usable() || !job.channel.status().connected() {
-                // The channel died while this waited: the broker redelivers the message
-                // on the new channel, so posting it now would only make a duplicate.
-                Disposition::Requeue(RequeueKind::NotNow)
-            } else if self.not_now() {
-                Disposition::Requeue(RequeueKind::NotNow)
-            } else if message_id.is_some_and(|id| self.dedup.seen(id)) {
-                // Checked here, not on arrival: a redelivery queued behind its own
-                // original in this lane sees the original's result.
-                metrics::duplicate_suppressed();
-                tracing::info!(rule = %job.mapped.rule, "message_id already delivered by this pod; acking the redelivery without posting it again");
-                Disposition::Ack { delivered: false }
-            } else {
-                self.deliver(&job.mapped).await
+            // A panic (a bug) must not take the lane with it: that person's later
+            // messages would wait forever while the pod looks ready.
+            let disposition = match AssertUnwindSafe(self.run_job(&job)).catch_unwind().await {
+                Ok(disposition) => disposition,
+                Err(_) => {
+                    metrics::lane_panic();
+                    tracing::error!(rule = %job.mapped.rule, "handling a message panicked (a bug); handing it back to the broker");
+                    // Counts toward the delivery limit, so a message that always panics
+                    // ends in the dead-letter queue instead of cycling.
+                    Disposition::Requeue(RequeueKind::RetriesExhausted)
+                }
             };
-            if let (Disposition::Ack { delivered: true }, Some(id)) = (&disposition, message_id) {
-                self.dedup.remember(id);
-            }
             self.finish(&job.channel, &job.delivery, &job.mapped.rule, disposition)
                 .await;
             match self.lanes.next(&key) {
@@ -174,10 +182,40 @@ impl Pipeline {
         }
     }
 
+    async fn run_job(&self, job: &Job) -> Disposition {
+        let message_id = job
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let body = job.delivery.data.as_slice();
+        let disposition = if !job.delivery.acker.usable() || !job.channel.status().connected() {
+            // The channel died while this waited: the broker redelivers the message
+            // on the new channel, so posting it now would only make a duplicate.
+            Disposition::Requeue(RequeueKind::NotNow)
+        } else if self.not_now() {
+            Disposition::Requeue(RequeueKind::NotNow)
+        } else if message_id.is_some_and(|id| self.dedup.seen(id, body)) {
+            // Checked here, not on arrival: a redelivery queued behind its own
+            // original in this lane sees the original's result.
+            metrics::duplicate_suppressed();
+            tracing::info!(rule = %job.mapped.rule, "this message (same message_id, same body) was already delivered by this pod; acking the redelivery without posting it again");
+            Disposition::Ack { delivered: false }
+        } else {
+            self.deliver(&job.mapped).await
+        };
+        if let (Disposition::Ack { delivered: true }, Some(id)) = (&disposition, message_id) {
+            self.dedup.remember(id, body);
+        }
+        disposition
+    }
+
     /// Sends one event, retrying transient failures until `max_retry_time`.
     async fn deliver(&self, mapped: &Mapped) -> Disposition {
         let d = &self.settings.delivery;
         let started = Instant::now();
+        let accepted_before = self.accepted.load(Ordering::Relaxed);
         let mut attempt = 0u32;
         let mut created_profile = false;
         loop {
@@ -210,6 +248,7 @@ impl Pipeline {
             let error = match result {
                 Ok(()) => {
                     self.limit.on_success();
+                    self.accepted.fetch_add(1, Ordering::Relaxed);
                     return Disposition::Ack { delivered: true };
                 }
                 Err(e) => e,
@@ -276,6 +315,15 @@ impl Pipeline {
                             }
                             return Disposition::Requeue(RequeueKind::NotNow);
                         }
+                        if self.accepted.load(Ordering::Relaxed) == accepted_before {
+                            // Nothing got through for anyone all this time: Crisp is down.
+                            // Stop taking deliveries and probe, so no message burns its
+                            // delivery limit cycling through the queue.
+                            if self.gate.outage() {
+                                tracing::warn!(rule = %mapped.rule, error = %error, "Crisp keeps failing; pausing consumption until a probe gets through (messages wait in the broker, nothing is dead-lettered)");
+                            }
+                            return Disposition::Requeue(RequeueKind::NotNow);
+                        }
                         tracing::warn!(rule = %mapped.rule, people_id = %who, attempts = attempt + 1, error = %error, "giving up for now after max_retry_time; requeueing");
                         // Counts toward the queue's delivery limit: a message that never
                         // gets through ends in the dead-letter queue.
@@ -287,6 +335,9 @@ impl Pipeline {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.stopping.cancelled() => return Disposition::Requeue(RequeueKind::NotNow),
+                        // Paused for a refusal or an outage: hand it back now, not after
+                        // the backoff, so the pause does not wait on sleeping retries.
+                        _ = self.gate.closed() => return Disposition::Requeue(RequeueKind::NotNow),
                     }
                 }
             }
@@ -302,7 +353,7 @@ impl Pipeline {
 
     /// Nothing may be sent now: shutting down, refused, or holding for a rate limit.
     fn not_now(&self) -> bool {
-        self.stopping.is_cancelled() || self.gate.is_refused() || self.hold.is_holding()
+        self.stopping.is_cancelled() || !self.gate.is_open() || self.hold.is_holding()
     }
 
     fn refused(&self, message: &str) -> Disposition {
@@ -340,22 +391,30 @@ impl Pipeline {
         metrics::message(rule, outcome);
     }
 
-    /// Probes Crisp with backoff (capped at 30 s) until it accepts our credentials again.
+    /// Probes Crisp with backoff (capped at 30 s) until it answers and accepts our
+    /// credentials again (after a refusal, a redirect or an outage).
     pub async fn wait_until_crisp_accepts(&self, stop: &CancellationToken) {
         let mut delay = Duration::from_millis(500);
-        while self.gate.is_refused() {
+        while !self.gate.is_open() {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.cancelled() => return,
             }
+            delay = (delay * 2).min(Duration::from_secs(30));
             match self.client.probe().await {
                 Ok(()) => {
                     tracing::info!("Crisp accepts our requests again; resuming consumption");
                     self.gate.accept();
                 }
+                Err(e) if e.failure == Failure::Refused => {
+                    if self.gate.refuse() {
+                        tracing::error!(error = %e, "Crisp refuses our requests; pausing consumption until it accepts again (nothing is dead-lettered)");
+                    } else {
+                        tracing::warn!(error = %e, next_probe_s = delay.as_secs(), "Crisp still refuses us");
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, next_probe_s = (delay * 2).min(Duration::from_secs(30)).as_secs(), "Crisp still refuses us");
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    tracing::warn!(error = %e, next_probe_s = delay.as_secs(), "Crisp is still failing");
                 }
             }
         }

@@ -20,6 +20,8 @@ pub const STALE_ACKS: &str = "crisp_bridge_stale_settlements_total";
 pub const DUPLICATES: &str = "crisp_bridge_duplicates_suppressed_total";
 pub const BROKER_CONNECTS: &str = "crisp_bridge_broker_connections_total";
 pub const CRISP_REFUSED: &str = "crisp_bridge_crisp_refused";
+pub const CRISP_OUTAGE: &str = "crisp_bridge_crisp_outage_hold";
+pub const LANE_PANICS: &str = "crisp_bridge_lane_panics_total";
 pub const CONCURRENCY_LIMIT: &str = "crisp_bridge_concurrency_limit";
 pub const HOLDING: &str = "crisp_bridge_rate_limit_hold";
 
@@ -116,6 +118,14 @@ fn describe() {
     );
     describe_counter!(BROKER_CONNECTS, "Broker connection attempts, by result.");
     describe_gauge!(
+        CRISP_OUTAGE,
+        "1 while Crisp keeps failing and consumption is paused (messages wait in the broker)."
+    );
+    describe_counter!(
+        LANE_PANICS,
+        "Messages whose processing panicked (a bug); each was handed back to the broker."
+    );
+    describe_gauge!(
         CRISP_REFUSED,
         "1 while Crisp refuses our credentials, plan or website id."
     );
@@ -173,6 +183,14 @@ pub fn broker_connect(ok: bool) {
 
 pub fn crisp_refused(refused: bool) {
     gauge!(CRISP_REFUSED).set(if refused { 1.0 } else { 0.0 });
+}
+
+pub fn crisp_outage(holding: bool) {
+    gauge!(CRISP_OUTAGE).set(if holding { 1.0 } else { 0.0 });
+}
+
+pub fn lane_panic() {
+    counter!(LANE_PANICS).increment(1);
 }
 
 /// Requests per UTC day, for the daily quota (5,000 for a plugin token).
