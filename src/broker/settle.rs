@@ -7,6 +7,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Channel;
+use std::future::Future;
+use std::time::Duration;
 
 pub const HEADER_REASON: &str = "x-crisp-bridge-reason";
 pub const HEADER_DETAIL: &str = "x-crisp-bridge-detail";
@@ -26,7 +28,58 @@ pub enum Settled {
     DeadLetterFailed,
 }
 
+/// How often a pending settlement looks whether its channel ended meanwhile. Settling
+/// normally takes well under a millisecond, so this only paces the rare wait on a
+/// connection that just died.
+const CHANNEL_CHECK: Duration = Duration::from_millis(50);
+
+/// Carries out `disposition`; returns promptly, as [`Settled::Stale`], when the
+/// delivery's channel ends before the broker took the decision.
 pub async fn settle(
+    channel: &Channel,
+    dead_letter_exchange: &str,
+    delivery: &Delivery,
+    disposition: &Disposition,
+) -> Settled {
+    let settling = settle_on_live_channel(channel, dead_letter_exchange, delivery, disposition);
+    match unless_channel_ended(delivery, settling).await {
+        Some(settled) => settled,
+        None => stale(),
+    }
+}
+
+/// Runs `settling` (an ack, nack, reject or dead-letter of `delivery`) unless the
+/// delivery's channel ends first, in which case it gives `None`.
+///
+/// lapin 4 can leave an ack, nack or reject pending forever when the connection dies
+/// just as it is issued: the acker queues it to lapin's internal RPC task behind the
+/// stop marker the IO loop queued on its way out, the task stops at that marker without
+/// reading further, and the queue outlives it (the acker itself holds a sender), so the
+/// promise is neither resolved nor rejected. Awaiting it plainly hung the lane, and with
+/// it the shutdown's wait for in-flight deliveries. lapin has no notification for a
+/// channel ending, but it poisons the channel's ackers before its RPC task can stop, so
+/// that flag is looked at. Once it is set the broker requeues whatever was unacked on the
+/// channel, whether or not our command reached it: the settlement is stale either way.
+async fn unless_channel_ended<T>(
+    delivery: &Delivery,
+    settling: impl Future<Output = T>,
+) -> Option<T> {
+    let ended = async {
+        loop {
+            tokio::time::sleep(CHANNEL_CHECK).await;
+            if delivery.acker.poisoned() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        settled = settling => Some(settled),
+        _ = ended => None,
+    }
+}
+
+async fn settle_on_live_channel(
     channel: &Channel,
     dead_letter_exchange: &str,
     delivery: &Delivery,
@@ -49,25 +102,28 @@ pub async fn settle(
 }
 
 /// Gives a delivery back without counting it against the delivery limit (RabbitMQ 4.3+).
+/// `Ok(false)`, as lapin answers for a poisoned acker, when the channel ended first.
 pub async fn requeue_not_now(delivery: &Delivery) -> lapin::Result<bool> {
-    delivery
-        .acker
-        .nack(BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        })
+    let nack = delivery.acker.nack(BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    });
+    unless_channel_ended(delivery, nack)
         .await
+        .unwrap_or(Ok(false))
 }
 
 fn outcome(result: lapin::Result<bool>) -> Settled {
     match result {
         Ok(true) => Settled::Done,
-        Ok(false) | Err(_) => {
-            metrics::stale_settlement();
-            tracing::warn!("delivery's channel is gone; the broker will redeliver the message");
-            Settled::Stale
-        }
+        Ok(false) | Err(_) => stale(),
     }
+}
+
+fn stale() -> Settled {
+    metrics::stale_settlement();
+    tracing::warn!("delivery's channel is gone; the broker will redeliver the message");
+    Settled::Stale
 }
 
 /// The dead-letter copy's headers: the original ones plus ours.

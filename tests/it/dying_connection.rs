@@ -1,0 +1,270 @@
+//! Settling a delivery at the moment its connection dies.
+//!
+//! lapin hands an ack, nack or reject to its internal RPC task. When the connection
+//! dies, the IO loop queues "connection error" and then a stop marker for that task; a
+//! settlement queued after the marker but before the task reached it is never read, and
+//! its future never completes. In the bridge that left a lane waiting forever and a
+//! SIGTERM after a lost connection never finished (`broker_connection_cut_mid_stream`
+//! failed about one run in fifteen). Here the interleaving is forced, not hoped for:
+//! lapin's tasks run behind a gate, held closed while the connection is cut and the
+//! settlement is issued.
+
+use crate::harness::{amqp_url_via, broker_addr, eventually, BrokerClient, WAIT};
+use async_rs::traits::Executor;
+use async_rs::util::{RuntimeParts, Task};
+use async_rs::{Runtime, Tokio};
+use crisp_bridge::broker::settle::{settle, Settled};
+use crisp_bridge::outcome::{Disposition, RequeueKind};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_issued_as_the_connection_dies_completes_as_stale() {
+    settle_as_the_connection_dies(Disposition::Ack { delivered: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_issued_as_the_connection_dies_completes_as_stale() {
+    settle_as_the_connection_dies(Disposition::Requeue(RequeueKind::NotNow)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_issued_as_the_connection_dies_completes_as_stale() {
+    settle_as_the_connection_dies(Disposition::Requeue(RequeueKind::RetriesExhausted)).await;
+}
+
+async fn settle_as_the_connection_dies(disposition: Disposition) {
+    let broker = BrokerClient::connect().await;
+    let queue = format!("t.dying.{}", uuid::Uuid::new_v4().simple());
+    let mut args = FieldTable::default();
+    // The broker removes the queue itself, even when the test fails half way.
+    args.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+    broker
+        .channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare the test queue");
+    broker
+        .publish("", &queue, b"{}", BasicProperties::default())
+        .await;
+
+    let proxy = HalfCloseProxy::start(broker_addr().await).await;
+    let gate = Gate::default();
+    let runtime = Runtime::new(RuntimeParts::new(
+        GatedTokio {
+            tokio: Tokio::current(),
+            gate: gate.clone(),
+        },
+        Tokio::current(),
+    ));
+    let url = amqp_url_via(proxy.addr).await;
+    let connection =
+        Connection::connect_with_runtime(&url, ConnectionProperties::default(), runtime)
+            .await
+            .expect("connect through the proxy");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("a delivery in time")
+        .expect("a delivery")
+        .expect("a delivery, not an error");
+
+    // lapin's IO thread sees the connection end and queues the error and the stop
+    // marker, but its RPC task cannot run yet: the settlement below lands behind both.
+    gate.close();
+    let gone = proxy.cut();
+    tokio::time::timeout(WAIT, gone)
+        .await
+        .expect("lapin gave the connection up in time")
+        .expect("the proxy saw lapin close its socket");
+    let mut settling = std::pin::pin!(settle(&channel, "", &delivery, &disposition));
+    assert!(
+        futures_util::poll!(&mut settling).is_pending(),
+        "nothing can have settled yet"
+    );
+    gate.open();
+    let settled = tokio::time::timeout(WAIT, settling)
+        .await
+        .expect("the settlement never completed after its connection died");
+    assert_eq!(settled, Settled::Stale);
+    // Nothing is lost: the broker requeued the message when the connection ended.
+    eventually("the message back in the queue", || async {
+        (broker.ready(&queue).await == 1).then_some(())
+    })
+    .await;
+    let _ = broker
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+}
+
+/// Holds lapin's internal tasks (its RPC loop among them) while closed.
+#[derive(Clone, Debug, Default)]
+struct Gate(Arc<GateState>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: AtomicBool,
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl Gate {
+    fn close(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        self.0.closed.store(false, Ordering::SeqCst);
+        let waiting = std::mem::take(&mut *self.0.waiting.lock().expect("gate lock"));
+        waiting.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// A future that does not run while its gate is closed.
+struct Gated<F> {
+    gate: Gate,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        {
+            // Checked under the lock `open` takes, so no wake-up is missed.
+            let mut waiting = self.gate.0.waiting.lock().expect("gate lock");
+            if self.gate.0.closed.load(Ordering::SeqCst) {
+                waiting.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// Tokio, except that every task lapin spawns goes through the gate. `block_on` (used
+/// by lapin's IO thread) is not gated: the IO side keeps running.
+#[derive(Clone, Debug)]
+struct GatedTokio {
+    tokio: Tokio,
+    gate: Gate,
+}
+
+impl Executor for GatedTokio {
+    type Task<T: Send + 'static> = <Tokio as Executor>::Task<T>;
+
+    fn block_on<T, F: Future<Output = T>>(&self, f: F) -> T {
+        self.tokio.block_on(f)
+    }
+
+    fn spawn<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
+        &self,
+        f: F,
+    ) -> Task<Self::Task<T>> {
+        self.tokio.spawn(Gated {
+            gate: self.gate.clone(),
+            inner: Box::pin(f),
+        })
+    }
+
+    fn spawn_blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+        &self,
+        f: F,
+    ) -> Task<Self::Task<T>> {
+        self.tokio.spawn_blocking(f)
+    }
+}
+
+/// A one-connection proxy to the broker whose cut half-closes the client side (lapin
+/// reads end-of-stream and gives the connection up) and reports when lapin's IO loop has
+/// let go of its socket, which it does only after queueing its stop marker.
+struct HalfCloseProxy {
+    addr: SocketAddr,
+    cut: Option<oneshot::Sender<()>>,
+    gone: Option<oneshot::Receiver<()>>,
+}
+
+impl HalfCloseProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (cut, mut cut_rx) = oneshot::channel::<()>();
+        let (gone_tx, gone) = oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut broker) = TcpStream::connect(target).await else {
+                return;
+            };
+            let mut up = vec![0u8; 64 * 1024];
+            let mut down = vec![0u8; 64 * 1024];
+            loop {
+                tokio::select! {
+                    _ = &mut cut_rx => break,
+                    n = client.read(&mut up) => match n {
+                        Ok(n) if n > 0 => {
+                            if broker.write_all(&up[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    },
+                    n = broker.read(&mut down) => match n {
+                        Ok(n) if n > 0 => {
+                            if client.write_all(&down[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    },
+                }
+            }
+            drop(broker);
+            let _ = client.shutdown().await;
+            while let Ok(n) = client.read(&mut up).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = gone_tx.send(());
+        });
+        Self {
+            addr,
+            cut: Some(cut),
+            gone: Some(gone),
+        }
+    }
+
+    /// Cuts the connection; the receiver fires once lapin closed its end.
+    fn cut(mut self) -> oneshot::Receiver<()> {
+        if let Some(cut) = self.cut.take() {
+            let _ = cut.send(());
+        }
+        self.gone.take().expect("cut once")
+    }
+}
