@@ -1,6 +1,6 @@
 //! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
 
-use crate::pipeline::{CrispGate, Hold};
+use crate::pipeline::{CrispGate, GateState, Hold};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -47,7 +47,10 @@ impl Health {
             Some(
                 "holding: Crisp keeps rate limiting us (daily quota?); messages wait in the broker",
             )
-        } else if !self.consuming.load(Ordering::Acquire) {
+        } else if !self.consuming.load(Ordering::Acquire)
+            // An outage pauses consuming, but a restart would not help: stay ready.
+            && self.gate.state() != GateState::Outage
+        {
             Some("not consuming")
         } else {
             None

@@ -19,12 +19,12 @@ use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason, RequeueKin
 use crate::route::{Mapped, Routed, Router};
 use crate::telemetry::metrics::{self, Outcome, NO_RULE};
 use dedup::Dedup;
+use futures_util::FutureExt;
 use lanes::Lanes;
 use lapin::message::Delivery;
 use lapin::Channel;
 use limit::AdaptiveLimit;
 use pace::{backoff, Pace};
-use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

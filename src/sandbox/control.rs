@@ -82,6 +82,8 @@ struct Settings {
     success_status: Option<u16>,
     latency_ms: Option<u64>,
     clear_faults: Option<bool>,
+    /// Crisp is down: every Crisp route answers this status (e.g. 503) until set to 0.
+    down_status: Option<u16>,
 }
 
 async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) -> impl IntoResponse {
@@ -106,6 +108,9 @@ async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) ->
     }
     if let Some(v) = s.latency_ms {
         inner.latency = Duration::from_millis(v);
+    }
+    if let Some(v) = s.down_status {
+        inner.down_status = (v != 0).then_some(v);
     }
     if s.clear_faults == Some(true) {
         inner.faults.clear();

@@ -164,6 +164,9 @@ fn error(status: u16, reason: &str) -> Response {
 
 /// Basic auth, then tier, then website: the order Crisp's gateway checks them in.
 fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(), Box<Response>> {
+    if let Some(status) = inner.down_status {
+        return Err(Box::new(error(status, "internal_error")));
+    }
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())

@@ -113,6 +113,8 @@ pub(crate) struct Inner {
     pub(crate) options: SandboxOptions,
     /// While true every Crisp route answers 401, as if the key had been revoked.
     pub(crate) refuse: bool,
+    /// While set, every Crisp route answers this status, as in an outage.
+    pub(crate) down_status: Option<u16>,
     pub(crate) success_status: u16,
     pub(crate) latency: Duration,
     pub(crate) events: Vec<ReceivedEvent>,
@@ -130,6 +132,7 @@ impl SandboxState {
         Self(Arc::new(Mutex::new(Inner {
             options,
             refuse: false,
+            down_status: None,
             success_status: 200,
             latency: Duration::ZERO,
             events: Vec::new(),
@@ -156,6 +159,11 @@ impl SandboxState {
 
     pub fn push_fault(&self, fault: Fault) {
         self.lock().faults.push_back(fault);
+    }
+
+    /// Crisp is down: every Crisp route answers `status` (None: back up).
+    pub fn set_down(&self, status: Option<u16>) {
+        self.lock().down_status = status;
     }
 
     pub fn set_refuse(&self, refuse: bool) {

@@ -1,6 +1,7 @@
 //! One integration-test binary: the bridge against a real RabbitMQ and the Crisp sandbox.
 //! The broker comes from `AMQP_URL` (else testcontainers' RabbitMQ module).
 
+mod answers;
 mod delivery;
 mod dying_connection;
 mod failures;

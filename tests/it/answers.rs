@@ -1,0 +1,247 @@
+//! Hostile or odd answers and careless publishers (issues 7 and 8): reused message ids,
+//! redirects, absurd `Retry-After`s, 422s, huge messages, and an outage of any length.
+
+use crate::harness::{eventually, header, TestApp};
+use crisp_bridge::sandbox::{Fault, SandboxOptions};
+use lapin::BasicProperties;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn auto_profiles() -> SandboxOptions {
+    SandboxOptions {
+        auto_create_profiles: true,
+        ..Default::default()
+    }
+}
+
+const TRIAL: &[u8] = br#"{"email":"a@b.io","phase":"started"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_with_another_body_is_still_sent() {
+    let mut app = TestApp::builder("reused-id")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    let with_id = |id: &str| BasicProperties::default().with_message_id(id.into());
+    for (id, phase) in [
+        ("order-events", "started"),
+        ("order-events", "extended"),
+        ("", "ended"),
+        ("", "renewed"),
+    ] {
+        let body = format!(r#"{{"email":"a@b.io","phase":"{phase}"}}"#);
+        app.publish_with("trial.started", body.as_bytes(), with_id(id))
+            .await;
+    }
+    let events = app.events(4).await;
+    let texts: Vec<&str> = events.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "trial:started",
+            "trial:extended",
+            "trial:ended",
+            "trial:renewed"
+        ]
+    );
+    // A true copy (same id, same body) is still suppressed.
+    app.publish_with(
+        "trial.started",
+        br#"{"email":"a@b.io","phase":"extended"}"#,
+        with_id("order-events"),
+    )
+    .await;
+    eventually("the copy acked", || async {
+        (app.broker.ready(&app.names.queue).await == 0).then_some(())
+    })
+    .await;
+    app.stop_with_empty_queues().await;
+    assert_eq!(app.sandbox.state.events().len(), 4);
+}
+
+/// A server that answers every request with `status` and a `Location` elsewhere, and
+/// counts the requests.
+async fn redirecting_server(
+    status: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = stream.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 {status}\r\nLocation: http://{addr}/v1/moved\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_misconfiguration_never_a_success() {
+    for status in ["302 Found", "308 Permanent Redirect"] {
+        let (api, requests) = redirecting_server(status).await;
+        let mut app = TestApp::builder("redirect").api_url(&api).start().await;
+        app.publish("trial.started", TRIAL).await;
+        app.wait_ready(503).await;
+        let why = reqwest::get(format!("http://{}/readyz", app.admin))
+            .await
+            .expect("readyz")
+            .text()
+            .await
+            .expect("body");
+        assert!(why.contains("redirects"), "{why}");
+        app.stop().await;
+        // Never acked, never dead-lettered: back in the queue for when the config is fixed.
+        assert_eq!(app.broker.ready(&app.names.queue).await, 1, "{status}");
+        assert_eq!(app.broker.ready(&app.names.dlq).await, 0, "{status}");
+        // One POST and perhaps probes; a followed redirect would add a request per hop.
+        assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_retry_after_values_neither_panic_nor_spin() {
+    // `1e300` is ignored (the backoff applies); `0` is raised to initial_backoff.
+    let mut app = TestApp::builder("retry-after")
+        .sandbox(auto_profiles())
+        .config("[delivery]\ninitial_backoff = \"100ms\"")
+        .start()
+        .await;
+    for value in ["1e300", "0", "-5"] {
+        app.sandbox.state.push_fault(Fault {
+            status: Some(429),
+            retry_after: Some(value.into()),
+            ..Default::default()
+        });
+    }
+    let started = std::time::Instant::now();
+    app.publish("trial.started", TRIAL).await;
+    app.events(1).await;
+    // `0` waited at least initial_backoff instead of retrying at once.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+    assert_eq!(app.sandbox.state.attempts().len(), 4);
+    app.stop_with_empty_queues().await;
+
+    // A Retry-After too large for any clock used to panic the lane, leaving the pod
+    // ready with that person's messages stuck. Now it is clamped (1 hour): the pod
+    // holds, and the message waits in the broker.
+    let mut app = TestApp::builder("retry-after-huge")
+        .sandbox(auto_profiles())
+        .config("[delivery]\nmax_retry_time = \"1s\"")
+        .start()
+        .await;
+    app.sandbox.state.push_fault(Fault {
+        status: Some(429),
+        retry_after: Some("18446744073709551615".into()),
+        ..Default::default()
+    });
+    app.publish("trial.started", TRIAL).await;
+    app.wait_ready(503).await;
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 1);
+    assert_eq!(app.sandbox.state.attempts().len(), 1, "held, not spinning");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_422_is_rescheduled_unless_its_reason_is_invalid_input() {
+    let mut app = TestApp::builder("unprocessable")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
+    // Any other reason: retried like a 429, then delivered.
+    app.sandbox.state.push_fault(Fault {
+        status: Some(422),
+        body: Some(r#"{"error":true,"reason":"route_busy","data":{}}"#.into()),
+        times: 2,
+        ..Default::default()
+    });
+    app.publish("trial.started", TRIAL).await;
+    app.events(1).await;
+    assert_eq!(app.sandbox.state.attempts().len(), 3);
+    // `invalid_data`: dead-lettered at once.
+    app.sandbox.state.push_fault(Fault {
+        status: Some(422),
+        body: Some(r#"{"error":true,"reason":"invalid_data","data":{}}"#.into()),
+        ..Default::default()
+    });
+    app.publish("trial.started", br#"{"email":"a@b.io","phase":"ended"}"#)
+        .await;
+    let dead = app.broker.take(&app.names.dlq, 1).await;
+    assert_eq!(
+        header(&dead[0], "x-crisp-bridge-reason").as_deref(),
+        Some("crisp_rejected")
+    );
+    app.stop().await;
+    assert_eq!(app.sandbox.state.attempts().len(), 4);
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_message_bytes_is_dead_lettered_unparsed() {
+    let mut app = TestApp::builder("too-large")
+        .sandbox(auto_profiles())
+        .config("[amqp]\nmax_message_bytes = 1000")
+        .start()
+        .await;
+    let big = format!(
+        r#"{{"email":"a@b.io","phase":"started","pad":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    app.publish("trial.started", big.as_bytes()).await;
+    app.publish("trial.started", TRIAL).await;
+    let dead = app.broker.take(&app.names.dlq, 1).await;
+    assert_eq!(
+        header(&dead[0], "x-crisp-bridge-reason").as_deref(),
+        Some("too_large")
+    );
+    assert_eq!(dead[0].delivery.data, big.as_bytes(), "the body is kept");
+    assert!(header(&dead[0], "x-crisp-bridge-detail")
+        .unwrap_or_default()
+        .contains("max_message_bytes"));
+    app.events(1).await;
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_any_length_dead_letters_nothing() {
+    // Delivery limit 2 and a retry budget of 200 ms: before the outage hold, each
+    // message was requeued every 200 ms and dead-lettered by the broker on its third
+    // delivery. Now the pod stops taking deliveries and probes until Crisp is back.
+    let mut app = TestApp::builder("outage")
+        .sandbox(auto_profiles())
+        .config("[amqp]\ndelivery_limit = 2\n[delivery]\nmax_retry_time = \"200ms\"\ninitial_backoff = \"10ms\"\nmax_backoff = \"50ms\"")
+        .start()
+        .await;
+    app.sandbox.state.set_down(Some(503));
+    for phase in ["a", "b", "c"] {
+        let body = format!(r#"{{"email":"{phase}@b.io","phase":"{phase}"}}"#);
+        app.publish("trial.started", body.as_bytes()).await;
+    }
+    // Well past the three deliveries the limit allows, had the messages kept cycling:
+    // several probes must have failed.
+    let state = app.sandbox.state.clone();
+    eventually("probes failing during the outage", || {
+        let attempts = state.attempts();
+        async move {
+            let probes = attempts
+                .iter()
+                .filter(|a| a.method == "GET" && a.status == 503)
+                .count();
+            (probes >= 2).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(app.readyz().await, 200, "an outage keeps the pod ready");
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    app.sandbox.state.set_down(None);
+    app.events(3).await;
+    app.stop_with_empty_queues().await;
+}
