@@ -33,6 +33,26 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Runs one message's work; a panic (a bug) becomes a requeue that counts toward the
+/// delivery limit, so a message that always panics ends in the dead-letter queue
+/// instead of cycling, and the lane lives on for that person's later messages.
+async fn contain_panic(
+    work: impl std::future::Future<Output = Disposition>,
+    rule: &str,
+) -> Disposition {
+    match AssertUnwindSafe(work).catch_unwind().await {
+        Ok(disposition) => disposition,
+        Err(_) => {
+            metrics::lane_panic();
+            tracing::error!(
+                rule,
+                "handling a message panicked (a bug); handing it back to the broker"
+            );
+            Disposition::Requeue(RequeueKind::RetriesExhausted)
+        }
+    }
+}
+
 /// A delivery and everything needed to settle it.
 struct Job {
     channel: Channel,
@@ -163,16 +183,7 @@ impl Pipeline {
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
-            let disposition = match AssertUnwindSafe(self.run_job(&job)).catch_unwind().await {
-                Ok(disposition) => disposition,
-                Err(_) => {
-                    metrics::lane_panic();
-                    tracing::error!(rule = %job.mapped.rule, "handling a message panicked (a bug); handing it back to the broker");
-                    // Counts toward the delivery limit, so a message that always panics
-                    // ends in the dead-letter queue instead of cycling.
-                    Disposition::Requeue(RequeueKind::RetriesExhausted)
-                }
-            };
+            let disposition = contain_panic(self.run_job(&job), &job.mapped.rule).await;
             self.finish(&job.channel, &job.delivery, &job.mapped.rule, disposition)
                 .await;
             match self.lanes.next(&key) {
@@ -443,5 +454,29 @@ impl Pipeline {
             self.abandon.cancel();
             self.tasks.wait().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_hands_the_message_back_and_is_counted() {
+        let panicking = async {
+            let huge: Option<Duration> = None;
+            // Stands for any bug, like the `Instant + Duration::MAX` a huge Retry-After caused.
+            huge.expect("a bug");
+            Disposition::Ack { delivered: true }
+        };
+        assert_eq!(
+            contain_panic(panicking, "r").await,
+            Disposition::Requeue(RequeueKind::RetriesExhausted)
+        );
+        let fine = async { Disposition::Ack { delivered: true } };
+        assert_eq!(
+            contain_panic(fine, "r").await,
+            Disposition::Ack { delivered: true }
+        );
     }
 }
