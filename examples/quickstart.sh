@@ -58,6 +58,7 @@ fi
 
 echo "== what the Crisp sandbox received"
 curl -fsS http://127.0.0.1:8787/
+echo "(nested data arrives flat, in Crisp's key rule: card.brand became card_brand; card_number and cvc were stripped)"
 echo "== dead letters (trial.ended has no valid email): see the bridge log"
 grep -i "dead-lettered" "$logs/bridge.log" || true
 echo "== metrics"
