@@ -1,4 +1,4 @@
-//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `sandbox`.
+//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `replay`, `sandbox`.
 
 use crate::config::{self, Problem};
 use crate::crisp::encode_segment;
@@ -47,6 +47,22 @@ enum Command {
         #[arg(default_value = "-")]
         message: String,
     },
+    /// Move selected dead letters back to the main exchange (with publisher confirms)
+    Replay {
+        /// Reason code to replay (repeatable; `broker:delivery_limit` for messages the
+        /// broker dead-lettered itself); default: any
+        #[arg(long = "reason", value_name = "CODE")]
+        reasons: Vec<String>,
+        /// Rule name to replay (repeatable); default: any
+        #[arg(long = "rule", value_name = "NAME")]
+        rules: Vec<String>,
+        /// Most messages to replay
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print what would be replayed; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run a local stand-in for the Crisp REST API
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -83,6 +99,20 @@ pub fn main() -> ExitCode {
             routing_key,
             message,
         } => map(cli.config, &routing_key, &message),
+        Command::Replay {
+            reasons,
+            rules,
+            limit,
+            dry_run,
+        } => {
+            let selection = crate::replay::Selection {
+                reasons,
+                rules,
+                limit,
+                dry_run,
+            };
+            runtime.block_on(replay(cli.config, selection))
+        }
         Command::Sandbox {
             listen,
             identifier,
@@ -99,6 +129,46 @@ pub fn main() -> ExitCode {
                 auto_create_profiles,
             };
             runtime.block_on(sandbox(listen, options))
+        }
+    }
+}
+
+async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> ExitCode {
+    let loaded = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let amqp = &loaded.amqp;
+    match crate::replay::replay(amqp, &selection).await {
+        Ok(report) => {
+            let verb = if selection.dry_run {
+                "would replay"
+            } else {
+                "replayed"
+            };
+            let list = |m: &std::collections::BTreeMap<String, usize>| {
+                m.iter()
+                    .map(|(r, n)| format!("{r}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "{verb} {} message(s) to `{}` ({}); kept {} in `{}` ({})",
+                report.replayed_total(),
+                amqp.exchange,
+                list(&report.replayed),
+                report.kept_total(),
+                amqp.dead_letter_queue,
+                list(&report.kept)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod crisp;
 pub mod decode;
 pub mod outcome;
 pub mod pipeline;
+pub mod replay;
 pub mod route;
 pub mod sandbox;
 pub mod telemetry;

@@ -7,4 +7,5 @@ mod dying_connection;
 mod failures;
 mod harness;
 mod process;
+mod replay;
 mod wire;
