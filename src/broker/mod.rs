@@ -36,7 +36,8 @@ impl<T> Context<T> for Result<T, lapin::Error> {
 pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
-    Connection::connect(amqp.url.expose(), properties)
+    // Read again before each connection: a rotated `amqp.url_file` is picked up.
+    Connection::connect(amqp.current_url().expose(), properties)
         .await
         .context(|| "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".into())
 }

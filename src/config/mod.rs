@@ -5,7 +5,7 @@
 mod secret;
 mod validate;
 
-pub use secret::{redact_url, Secret};
+pub use secret::{read_secret_file, redact_url, Secret};
 pub use validate::{validate, Problem, Validated};
 
 use figment::providers::{Env, Format, Toml};
@@ -34,9 +34,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
     let from_env = std::env::var_os("CRISP_BRIDGE_CONFIG").map(PathBuf::from);
     let named = explicit.map(Path::to_path_buf).or(from_env);
     let mut figment = Figment::new();
-    match named {
-        Some(path) if !path.is_file() => return Err(LoadError::Missing(path)),
-        Some(path) => figment = figment.merge(Toml::file_exact(path)),
+    match &named {
+        Some(path) if !path.is_file() => return Err(LoadError::Missing(path.clone())),
+        Some(path) => figment = figment.merge(Toml::file_exact(path.clone())),
         // Without a named file, the default file is optional: defaults and env may suffice.
         None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
             figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
@@ -49,9 +49,55 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
             // CRISP_BRIDGE_CONFIG names the file; it is not a key.
             .ignore(&["config"]),
     );
-    figment
+    let base = named
+        .as_deref()
+        .or_else(|| {
+            Path::new(DEFAULT_CONFIG_FILE)
+                .is_file()
+                .then(|| Path::new(DEFAULT_CONFIG_FILE))
+        })
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let mut config = figment
         .extract::<Config>()
-        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
+        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))?;
+    if let Some(base) = base {
+        config.resolve_relative_paths(&base);
+    }
+    Ok(config)
+}
+
+impl Config {
+    /// Makes relative file paths in the config relative to `base`, the config file's
+    /// directory, so the config means the same whatever the working directory.
+    pub fn resolve_relative_paths(&mut self, base: &Path) {
+        for path in [
+            &mut self.amqp.url_file,
+            &mut self.crisp.identifier_file,
+            &mut self.crisp.key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// The URL to connect with now: read again from `url_file` when set (a rotated
+    /// Secret), else `url`. A file that cannot be read now keeps the last URL.
+    pub fn current_url(&self) -> Secret {
+        match &self.url_file {
+            None => self.url.clone(),
+            Some(path) => read_secret_file(path).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read amqp.url_file; using the URL read before");
+                self.url.clone()
+            }),
+        }
+    }
 }
 
 /// Loads from a TOML string plus the environment.
@@ -117,6 +163,9 @@ pub enum QueueType {
 pub struct AmqpConfig {
     /// AMQP URL, password included; usually from `CRISP_BRIDGE_AMQP__URL`. Never logged.
     pub url: Secret,
+    /// File holding the AMQP URL (a mounted Secret), read at start and before each
+    /// reconnect; excludes `url`. Relative to the config file.
+    pub url_file: Option<PathBuf>,
     /// Topic exchange the rules' routing keys bind to.
     pub exchange: String,
     /// Durable queue this consumer reads (shared by every pod).
@@ -148,6 +197,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url_file: None,
             exchange: "domain-events".into(),
             queue: "crisp-bridge".into(),
             queue_type: QueueType::Quorum,
@@ -190,6 +240,12 @@ pub struct CrispConfig {
     pub identifier: Option<Secret>,
     /// Token key; usually from `CRISP_BRIDGE_CRISP__KEY`. Never logged.
     pub key: Option<Secret>,
+    /// File holding the token identifier, read at start and again whenever Crisp refuses
+    /// the credentials (a rotated Secret is picked up without a restart); excludes
+    /// `identifier`. Relative to the config file.
+    pub identifier_file: Option<PathBuf>,
+    /// File holding the token key, read like `identifier_file`; excludes `key`.
+    pub key_file: Option<PathBuf>,
     /// Base URL of the REST API, up to and including `/v1`.
     pub api_url: String,
     /// Token tier sent as `X-Crisp-Tier`.
@@ -208,6 +264,8 @@ impl Default for CrispConfig {
             website_id: None,
             identifier: None,
             key: None,
+            identifier_file: None,
+            key_file: None,
             api_url: "https://api.crisp.chat/v1".into(),
             tier: Tier::Plugin,
             timeout: Duration::from_secs(10),

@@ -69,6 +69,37 @@ impl schemars::JsonSchema for Secret {
     }
 }
 
+/// Largest secret file read; a Kubernetes Secret value is far smaller.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads a secret from a file (a mounted Kubernetes Secret): one trailing newline is
+/// ignored. The error names the file, never its content.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_SECRET_FILE_BYTES} bytes; it should hold one secret",
+            path.display()
+        ));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let text = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    if text.trim().is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(text))
+}
+
 /// Hides the password of an AMQP URL for logs: `amqp://guest:***@host:5672/%2f`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -98,6 +129,31 @@ mod tests {
     fn numbers_become_strings_without_errors() {
         let s: Secret = serde_json::from_str("1234").unwrap();
         assert_eq!(s.expose(), "1234");
+    }
+
+    #[test]
+    fn secret_files_lose_one_trailing_newline_and_never_show_content() {
+        let dir = std::env::temp_dir().join(format!("crisp-bridge-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        for (content, expected) in [
+            ("k1\n", "k1"),
+            ("k2\r\n", "k2"),
+            ("k3", "k3"),
+            ("k 4\n\n", "k 4\n"),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            assert_eq!(read_secret_file(&file).unwrap().expose(), expected);
+        }
+        std::fs::write(&file, "\n").unwrap();
+        assert!(read_secret_file(&file).unwrap_err().contains("is empty"));
+        std::fs::write(&file, vec![b'x'; 70_000]).unwrap();
+        let e = read_secret_file(&file).unwrap_err();
+        assert!(e.contains("larger than") && !e.contains("xxx"), "{e}");
+        assert!(read_secret_file(&dir.join("missing"))
+            .unwrap_err()
+            .contains("cannot read"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

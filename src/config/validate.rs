@@ -1,6 +1,6 @@
 //! Everything that can be checked before touching the network, all problems at once.
 
-use super::{Config, Secret};
+use super::{read_secret_file, Config, Secret};
 use crate::route::Router;
 use std::fmt;
 use std::net::SocketAddr;
@@ -52,8 +52,9 @@ pub struct Validated {
 }
 
 /// Validates the whole config without touching the network.
-pub fn validate(config: Config) -> Result<Validated, Vec<Problem>> {
+pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
     let mut problems = Vec::new();
+    read_secret_files(&mut config, &mut problems);
     let mut bad = |key: &str, message: String| problems.push(Problem::global(key, message));
 
     let amqp = &config.amqp;
@@ -196,6 +197,50 @@ pub fn validate(config: Config) -> Result<Validated, Vec<Problem>> {
     }
 }
 
+/// Reads each `*_file` secret into its inline key, refusing a secret given both ways.
+fn read_secret_files(config: &mut Config, problems: &mut Vec<Problem>) {
+    let default_url = super::AmqpConfig::default().url;
+    let amqp_inline = config.amqp.url.expose() != default_url.expose();
+    let slots = [
+        (
+            "amqp.url_file",
+            "amqp.url",
+            config.amqp.url_file.clone(),
+            amqp_inline,
+        ),
+        (
+            "crisp.identifier_file",
+            "crisp.identifier",
+            config.crisp.identifier_file.clone(),
+            config.crisp.identifier.is_some(),
+        ),
+        (
+            "crisp.key_file",
+            "crisp.key",
+            config.crisp.key_file.clone(),
+            config.crisp.key.is_some(),
+        ),
+    ];
+    for (file_key, inline_key, path, inline_set) in slots {
+        let Some(path) = path else { continue };
+        if inline_set {
+            problems.push(Problem::global(
+                file_key,
+                format!("excludes {inline_key}; set only one of them (check the environment for an override of {inline_key})"),
+            ));
+            continue;
+        }
+        match read_secret_file(&path) {
+            Err(e) => problems.push(Problem::global(file_key, e)),
+            Ok(secret) => match file_key {
+                "amqp.url_file" => config.amqp.url = secret,
+                "crisp.identifier_file" => config.crisp.identifier = Some(secret),
+                _ => config.crisp.key = Some(secret),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +257,43 @@ mod tests {
         people_id = "/email"
         text = "x"
     "##;
+
+    #[test]
+    fn secret_files_fill_their_keys_and_exclude_inline_values() {
+        let dir =
+            std::env::temp_dir().join(format!("crisp-bridge-validate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("key"), "from-file\n").unwrap();
+        std::fs::write(dir.join("url"), "amqp://u:p@127.0.0.1:5672/%2f\n").unwrap();
+        let toml = OK.replace("key = \"k\"", "key_file = \"key\"") + "[amqp]\nurl_file = \"url\"\n";
+        let mut config = from_toml_str(&toml).unwrap();
+        config.resolve_relative_paths(&dir);
+        let v = validate(config).unwrap();
+        assert_eq!(v.config.crisp.key.unwrap().expose(), "from-file");
+        assert_eq!(v.config.amqp.url.expose(), "amqp://u:p@127.0.0.1:5672/%2f");
+
+        // Both ways at once (an env override of `key` over a chart's `key_file`, say).
+        let mut config = from_toml_str(OK).unwrap();
+        config.crisp.key_file = Some(dir.join("key"));
+        let problems = validate(config).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "crisp.key_file" && p.message.contains("excludes crisp.key")),
+            "{problems:?}"
+        );
+
+        let mut config = from_toml_str(&OK.replace("key = \"k\"", "")).unwrap();
+        config.crisp.key_file = Some(dir.join("missing"));
+        let problems = validate(config).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "crisp.key_file" && p.message.contains("cannot read")),
+            "{problems:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_complete_config_validates() {

@@ -5,11 +5,13 @@ pub mod classify;
 
 pub use classify::{CrispError, Failure};
 
-use crate::config::{CrispConfig, Secret};
+use crate::config::{read_secret_file, CrispConfig, Secret};
 use crate::route::CrispEvent;
 use crate::telemetry::metrics;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
 pub const USER_AGENT: &str = concat!("crisp-bridge/", env!("CARGO_PKG_VERSION"));
@@ -55,12 +57,59 @@ pub fn encode_segment(value: &str) -> String {
     utf8_percent_encode(value, SEGMENT).to_string()
 }
 
+/// The token, and the files it came from: read again whenever Crisp refuses it, so a
+/// rotated Kubernetes Secret is picked up without a restart.
+struct Credentials {
+    current: RwLock<(Secret, Secret)>,
+    identifier_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+impl Credentials {
+    fn get(&self) -> (Secret, Secret) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the files (if any); a file that cannot be read keeps the last value.
+    fn reload(&self) {
+        if self.identifier_file.is_none() && self.key_file.is_none() {
+            return;
+        }
+        let read = |file: &Option<PathBuf>, what: &str| {
+            file.as_ref().and_then(|path| {
+                read_secret_file(path)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot read crisp.{what}_file; keeping the value read before"))
+                    .ok()
+            })
+        };
+        let identifier = read(&self.identifier_file, "identifier");
+        let key = read(&self.key_file, "key");
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        if let Some(i) = identifier {
+            changed |= i.expose() != current.0.expose();
+            current.0 = i;
+        }
+        if let Some(k) = key {
+            changed |= k.expose() != current.1.expose();
+            current.1 = k;
+        }
+        if changed {
+            tracing::info!(
+                "read new Crisp credentials from crisp.identifier_file / crisp.key_file"
+            );
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct CrispClient {
     http: reqwest::Client,
     website_url: String,
-    identifier: Secret,
-    key: Secret,
+    credentials: Arc<Credentials>,
 }
 
 impl CrispClient {
@@ -88,8 +137,14 @@ impl CrispClient {
                 config.api_url.trim_end_matches('/'),
                 encode_segment(website)
             ),
-            identifier: config.identifier.clone().unwrap_or_else(|| Secret::new("")),
-            key: config.key.clone().unwrap_or_else(|| Secret::new("")),
+            credentials: Arc::new(Credentials {
+                current: RwLock::new((
+                    config.identifier.clone().unwrap_or_else(|| Secret::new("")),
+                    config.key.clone().unwrap_or_else(|| Secret::new("")),
+                )),
+                identifier_file: config.identifier_file.clone(),
+                key_file: config.key_file.clone(),
+            }),
         })
     }
 
@@ -121,6 +176,8 @@ impl CrispClient {
     /// A read that proves whether Crisp accepts our credentials for this website:
     /// `people_not_found` for a random id means yes.
     pub async fn probe(&self) -> Result<(), CrispError> {
+        // The key may have been rotated while we were refused.
+        self.credentials.reload();
         let url = format!("{}/people/profile/{}", self.website_url, uuid::Uuid::nil());
         match self.send(self.http.get(url), None).await {
             Err(e) if e.failure == Failure::PeopleNotFound => Ok(()),
@@ -135,7 +192,8 @@ impl CrispClient {
         request: reqwest::RequestBuilder,
         body: Option<Vec<u8>>,
     ) -> Result<(), CrispError> {
-        let mut request = request.basic_auth(self.identifier.expose(), Some(self.key.expose()));
+        let (identifier, key) = self.credentials.get();
+        let mut request = request.basic_auth(identifier.expose(), Some(key.expose()));
         if let Some(body) = body {
             request = request.header(CONTENT_TYPE, "application/json").body(body);
         }
@@ -172,6 +230,10 @@ impl CrispClient {
             header(RETRY_AFTER).and_then(|v| classify::parse_retry_after(v, SystemTime::now()));
         let location = header(LOCATION).map(str::to_owned);
         // A broken or cut body is still classified by its status.
+        if matches!(status.as_u16(), 401..=403) {
+            // Refused: the next request (or probe) uses what the files hold now.
+            self.credentials.reload();
+        }
         let body = read_bounded(response, MAX_ERROR_BODY).await;
         let mut error = classify::classify(status.as_u16(), &body, retry_after);
         if status.is_redirection() {

@@ -245,3 +245,33 @@ async fn an_outage_of_any_length_dead_letters_nothing() {
     app.events(3).await;
     app.stop_with_empty_queues().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_file_is_picked_up_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("crisp-bridge-rotate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key_file = dir.join("crisp-key");
+    // The Secret still holds the revoked key when the bridge starts.
+    std::fs::write(&key_file, "revoked-key\n").expect("write key");
+    let mut app = TestApp::builder("rotate")
+        .sandbox(auto_profiles())
+        .replace(
+            &format!("key = \"{}\"", crisp_bridge::sandbox::DEFAULT_KEY),
+            &format!("key_file = \"{}\"", key_file.display()),
+        )
+        .start()
+        .await;
+    app.publish("trial.started", TRIAL).await;
+    app.wait_ready(503).await;
+    assert!(app.sandbox.state.events().is_empty());
+    // Kubernetes updates the mounted Secret: the next probe reads it.
+    std::fs::write(
+        &key_file,
+        format!("{}\n", crisp_bridge::sandbox::DEFAULT_KEY),
+    )
+    .expect("rotate key");
+    app.events(1).await;
+    app.wait_ready(200).await;
+    app.stop_with_empty_queues().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -289,6 +289,8 @@ pub struct TestAppBuilder {
     test: String,
     extra: String,
     rules: String,
+    /// Edits of the base config, for keys that cannot be unset by a later layer.
+    replacements: Vec<(String, String)>,
     sandbox: SandboxOptions,
     api_url: Option<String>,
 }
@@ -301,6 +303,7 @@ impl TestApp {
             rules: RULES.into(),
             sandbox: SandboxOptions::default(),
             api_url: None,
+            replacements: Vec::new(),
         }
     }
 
@@ -446,6 +449,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Replaces `from` in the base config with `to`.
+    pub fn replace(mut self, from: &str, to: &str) -> Self {
+        self.replacements.push((from.into(), to.into()));
+        self
+    }
+
     pub fn sandbox(mut self, options: SandboxOptions) -> Self {
         self.sandbox = options;
         self
@@ -467,7 +476,14 @@ impl TestAppBuilder {
             .await
             .expect("sandbox");
         let api_url = self.api_url.unwrap_or_else(|| sandbox.api_url());
-        let toml = config_toml(&url, &names, &api_url, &self.rules);
+        let mut toml = config_toml(&url, &names, &api_url, &self.rules);
+        for (from, to) in &self.replacements {
+            assert!(
+                toml.contains(from.as_str()),
+                "`{from}` is not in the base config"
+            );
+            toml = toml.replace(from.as_str(), to);
+        }
         let config = config::from_toml_layers(&[&toml, &self.extra])
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}\n{}", self.extra));
         let validated = validate(config).unwrap_or_else(|p| panic!("test config invalid: {p:?}"));
