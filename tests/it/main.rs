@@ -4,4 +4,5 @@
 mod delivery;
 mod failures;
 mod harness;
+mod hostile;
 mod process;
