@@ -10,6 +10,24 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// RabbitMQ's default `frame_max`, assumed until a connection has negotiated one.
+const DEFAULT_FRAME_MAX: u32 = 131_072;
+
+/// The smallest `frame_max` negotiated by any connection of this process (`u32::MAX`:
+/// none yet). Kept here because lapin exposes it on the connection only, while
+/// dead letters are published on channels handed down the pipeline.
+static FRAME_MAX: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// The largest frame the broker accepts from us (and sends to other consumers): a
+/// dead-letter copy's content header must fit in it.
+pub fn frame_max() -> u32 {
+    match FRAME_MAX.load(Ordering::Relaxed) {
+        u32::MAX => DEFAULT_FRAME_MAX,
+        n => n,
+    }
+}
 
 /// A broker operation that failed, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +55,12 @@ pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
     // Read again before each connection: a rotated `amqp.url_file` is picked up.
-    Connection::connect(amqp.current_url().expose(), properties)
+    let connection = Connection::connect(amqp.current_url().expose(), properties)
         .await
-        .context(|| "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".into())
+        .context(|| "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".into())?;
+    // lapin records 0 ("no limit") as u32::MAX, which then keeps the default.
+    FRAME_MAX.fetch_min(connection.configuration().frame_max(), Ordering::Relaxed);
+    Ok(connection)
 }
 
 /// Declares the topic exchange, the dead-letter exchange (fanout) and queue, the main

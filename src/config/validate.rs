@@ -114,13 +114,26 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             "is missing; set CRISP_BRIDGE_CRISP__KEY to the token key".into(),
         );
     }
-    if !(crisp.api_url.starts_with("http://") || crisp.api_url.starts_with("https://"))
-        || reqwest::Url::parse(&crisp.api_url).is_err()
-    {
-        bad(
+    let api_url = reqwest::Url::parse(&crisp.api_url)
+        .ok()
+        .filter(|_| crisp.api_url.starts_with("http://") || crisp.api_url.starts_with("https://"));
+    match api_url {
+        None => bad(
             "crisp.api_url",
-            format!("`{}` is not an http(s) URL", crisp.api_url),
-        );
+            format!(
+                "`{}` is not an http(s) URL like https://api.crisp.chat/v1",
+                hide_userinfo(&crisp.api_url)
+            ),
+        ),
+        // reqwest would send the user info as Basic auth instead of our token.
+        Some(url) if !url.username().is_empty() || url.password().is_some() => bad(
+            "crisp.api_url",
+            format!(
+                "`{}` holds user info; remove it (the token goes in crisp.identifier and crisp.key)",
+                hide_userinfo(&crisp.api_url)
+            ),
+        ),
+        Some(_) => {}
     }
     if crisp.timeout.is_zero() {
         bad("crisp.timeout", "is 0; use something like \"10s\"".into());
@@ -241,6 +254,19 @@ fn read_secret_files(config: &mut Config, problems: &mut Vec<Problem>) {
     }
 }
 
+/// A URL for an error message, without what may precede an `@` (user, password), even
+/// when the URL does not parse.
+fn hide_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +373,49 @@ mod tests {
             !text.contains("topsecret"),
             "the URL password leaked: {text}"
         );
+    }
+
+    fn api_url_problems(api_url: &str) -> Vec<String> {
+        let cfg = from_toml_str(OK).unwrap();
+        let cfg = Config {
+            crisp: crate::config::CrispConfig {
+                api_url: api_url.into(),
+                ..cfg.crisp
+            },
+            ..cfg
+        };
+        match validate(cfg) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn api_url_with_user_info_is_refused_and_never_printed() {
+        for url in [
+            "http://user:hunter2@127.0.0.1:9000/v1",
+            "https://hunter2@api.crisp.chat/v1",
+            "https://user:hunter2@exa mple.com/v1",
+            "ftp://user:hunter2@example.com",
+            "https://user:p@ss/hunter2@api.crisp.chat/v1",
+        ] {
+            let problems = api_url_problems(url);
+            assert_eq!(problems.len(), 1, "{url}: {problems:?}");
+            assert!(problems[0].starts_with("crisp.api_url:"), "{problems:?}");
+            assert!(
+                !problems[0].contains("hunter2") && !problems[0].contains("user:"),
+                "the URL's user info leaked: {}",
+                problems[0]
+            );
+        }
+        let problems = api_url_problems("https://user:hunter2@api.crisp.chat/v1");
+        assert!(
+            problems[0].contains("crisp.identifier"),
+            "says what to do: {}",
+            problems[0]
+        );
+        assert!(api_url_problems("https://api.crisp.chat/v1").is_empty());
+        assert!(api_url_problems("http://127.0.0.1:9000/v1?at=x@y").is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod delivery;
 mod dying_connection;
 mod failures;
 mod harness;
+mod hostile;
 mod process;
 mod replay;
 mod wire;
