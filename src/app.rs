@@ -87,7 +87,10 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let admin_stop = CancellationToken::new();
         let admin = {
-            let router = admin::router(Arc::clone(&self.health), metrics::install());
+            let handle = metrics::install();
+            let rules: Vec<&str> = self.pipeline.router().rule_names().collect();
+            metrics::register(&rules);
+            let router = admin::router(Arc::clone(&self.health), handle);
             let stop = admin_stop.clone();
             let listener = self.admin;
             tokio::spawn(async move {

@@ -400,6 +400,9 @@ impl Pipeline {
             (Disposition::Requeue(_), _) => Outcome::Requeued,
         };
         metrics::message(rule, outcome);
+        if outcome != Outcome::Requeued {
+            metrics::message_age(delivery.properties.timestamp().as_ref().copied());
+        }
     }
 
     /// Probes Crisp with backoff (capped at 30 s) until it answers and accepts our

@@ -24,6 +24,11 @@ pub const CRISP_OUTAGE: &str = "crisp_bridge_crisp_outage_hold";
 pub const LANE_PANICS: &str = "crisp_bridge_lane_panics_total";
 pub const CONCURRENCY_LIMIT: &str = "crisp_bridge_concurrency_limit";
 pub const HOLDING: &str = "crisp_bridge_rate_limit_hold";
+pub const BUILD_INFO: &str = "crisp_bridge_build_info";
+pub const MESSAGE_AGE: &str = "crisp_bridge_message_age_seconds";
+
+/// The git revision this binary was built from (`build.rs`).
+pub const REVISION: &str = env!("BRIDGE_GIT_REVISION");
 
 /// Rule label for messages no rule applied to.
 pub const NO_RULE: &str = "none";
@@ -59,6 +64,14 @@ pub fn install() -> PrometheusHandle {
                     Matcher::Full(CRISP_REQUEST_DURATION.into()),
                     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(MESSAGE_AGE.into()),
+                        &[
+                            0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
+                        ],
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -118,6 +131,23 @@ fn describe() {
     );
     describe_counter!(BROKER_CONNECTS, "Broker connection attempts, by result.");
     describe_gauge!(
+        HOLDING,
+        "1 while consumption is paused for Crisp's rate limit or spent daily quota (messages wait in the broker)."
+    );
+    describe_gauge!(
+        CONCURRENCY_LIMIT,
+        "Crisp requests allowed in flight right now (the adaptive limit, at most delivery.concurrency)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels name the version and git revision of this binary."
+    );
+    describe_histogram!(
+        MESSAGE_AGE,
+        Unit::Seconds,
+        "Time from a message's AMQP timestamp property to its settlement (messages without the property are not counted)."
+    );
+    describe_gauge!(
         CRISP_OUTAGE,
         "1 while Crisp keeps failing and consumption is paused (messages wait in the broker)."
     );
@@ -129,6 +159,83 @@ fn describe() {
         CRISP_REFUSED,
         "1 while Crisp refuses our credentials, plan or website id."
     );
+}
+
+/// Exports every metric from start, with a zero series for each label value known up
+/// front (rules, outcomes, reasons), so dashboards and alerts see them before the first
+/// event rather than "no data".
+pub fn register(rules: &[&str]) {
+    use crate::outcome::Reason;
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "revision" => REVISION).set(1.0);
+    // Reasons decided before any rule applies, and those a rule's message can get.
+    let without_rule = [
+        Reason::InvalidJson,
+        Reason::NotAnObject,
+        Reason::Unmatched,
+        Reason::TooLarge,
+    ];
+    let with_rule = [
+        Reason::PeopleIdMissing,
+        Reason::InvalidPeopleId,
+        Reason::TemplateValueMissing,
+        Reason::EmptyText,
+        Reason::CrispRejected,
+        Reason::PeopleNotFound,
+        Reason::SchemaViolation,
+    ];
+    for rule in rules.iter().copied().chain([NO_RULE]) {
+        for outcome in [
+            Outcome::Delivered,
+            Outcome::Skipped,
+            Outcome::DeadLettered,
+            Outcome::Requeued,
+        ] {
+            counter!(MESSAGES, "rule" => rule.to_owned(), "outcome" => outcome.as_str())
+                .increment(0);
+        }
+        let reasons: &[Reason] = if rule == NO_RULE {
+            &without_rule
+        } else {
+            &with_rule
+        };
+        for reason in reasons {
+            counter!(DEAD_LETTERS, "rule" => rule.to_owned(), "reason" => reason.code())
+                .increment(0);
+        }
+        if rule != NO_RULE {
+            for name in [FIELDS_STRIPPED, DATA_KEY_COLLISIONS, DATA_KEYS_DROPPED] {
+                counter!(name, "rule" => rule.to_owned()).increment(0);
+            }
+        }
+    }
+    counter!(CRISP_REQUESTS, "status" => "transport_error").increment(0);
+    let _ = histogram!(CRISP_REQUEST_DURATION);
+    let _ = histogram!(MESSAGE_AGE);
+    for name in [RETRIES, STALE_ACKS, DUPLICATES, LANE_PANICS] {
+        counter!(name).increment(0);
+    }
+    for result in ["ok", "error"] {
+        counter!(BROKER_CONNECTS, "result" => result).increment(0);
+    }
+    for name in [
+        IN_FLIGHT,
+        CRISP_REFUSED,
+        CRISP_OUTAGE,
+        HOLDING,
+        CRISP_REQUESTS_TODAY,
+    ] {
+        gauge!(name).increment(0.0);
+    }
+}
+
+/// Age of a settled message: from its AMQP `timestamp` (seconds since the epoch).
+pub fn message_age(timestamp: Option<u64>) {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let (Some(sent), Ok(now)) = (timestamp, SystemTime::now().duration_since(UNIX_EPOCH)) else {
+        return;
+    };
+    // A publisher's clock ahead of ours gives 0, not a negative age.
+    histogram!(MESSAGE_AGE).record(now.as_secs_f64() - (sent as f64).min(now.as_secs_f64()));
 }
 
 pub fn message(rule: &str, outcome: Outcome) {

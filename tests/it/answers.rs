@@ -50,12 +50,19 @@ async fn a_reused_message_id_with_another_body_is_still_sent() {
         with_id("order-events"),
     )
     .await;
-    eventually("the copy acked", || async {
-        (app.broker.ready(&app.names.queue).await == 0).then_some(())
-    })
+    // The same person's next message runs after the copy in its lane: once it arrived,
+    // the copy has been settled.
+    app.publish_with(
+        "trial.started",
+        br#"{"email":"a@b.io","phase":"final"}"#,
+        with_id("z"),
+    )
     .await;
+    let events = app.events(5).await;
     app.stop_with_empty_queues().await;
-    assert_eq!(app.sandbox.state.events().len(), 4);
+    assert_eq!(events.len(), 5, "the copy was not posted");
+    assert_eq!(events[4].text, "trial:final");
+    assert_eq!(app.sandbox.state.events().len(), 5);
 }
 
 /// A server that answers every request with `status` and a `Location` elsewhere, and
@@ -99,7 +106,10 @@ async fn a_redirect_is_a_misconfiguration_never_a_success() {
         assert!(why.contains("redirects"), "{why}");
         app.stop().await;
         // Never acked, never dead-lettered: back in the queue for when the config is fixed.
-        assert_eq!(app.broker.ready(&app.names.queue).await, 1, "{status}");
+        eventually("the message back in the queue", || async {
+            (app.broker.ready(&app.names.queue).await == 1).then_some(())
+        })
+        .await;
         assert_eq!(app.broker.ready(&app.names.dlq).await, 0, "{status}");
         // One POST and perhaps probes; a followed redirect would add a request per hop.
         assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
@@ -145,7 +155,10 @@ async fn absurd_retry_after_values_neither_panic_nor_spin() {
     app.publish("trial.started", TRIAL).await;
     app.wait_ready(503).await;
     app.stop().await;
-    assert_eq!(app.broker.ready(&app.names.queue).await, 1);
+    eventually("the message back in the queue", || async {
+        (app.broker.ready(&app.names.queue).await == 1).then_some(())
+    })
+    .await;
     assert_eq!(app.sandbox.state.attempts().len(), 1, "held, not spinning");
 }
 
@@ -274,4 +287,48 @@ async fn a_rotated_key_file_is_picked_up_without_a_restart() {
     app.wait_ready(200).await;
     app.stop_with_empty_queues().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_all_exported_from_start_with_help() {
+    let mut app = TestApp::builder("metrics-start").start().await;
+    app.wait_ready(200).await;
+    let body = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    for name in [
+        "crisp_bridge_messages_total",
+        "crisp_bridge_dead_letters_total",
+        "crisp_bridge_crisp_requests_total",
+        "crisp_bridge_crisp_request_duration_seconds",
+        "crisp_bridge_in_flight",
+        "crisp_bridge_retries_total",
+        "crisp_bridge_fields_stripped_total",
+        "crisp_bridge_data_key_collisions_total",
+        "crisp_bridge_build_info",
+        "crisp_bridge_message_age_seconds",
+        "crisp_bridge_crisp_refused",
+        "crisp_bridge_crisp_outage_hold",
+        "crisp_bridge_rate_limit_hold",
+        "crisp_bridge_lane_panics_total",
+    ] {
+        assert!(
+            body.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP line:\n{body}"
+        );
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(name) && !l.starts_with('#')),
+            "{name} has no sample:\n{body}"
+        );
+    }
+    assert!(body.contains(r#"crisp_bridge_messages_total{rule="trial",outcome="delivered"}"#));
+    assert!(body.contains(&format!(
+        r#"crisp_bridge_build_info{{version="{}",revision="#,
+        env!("CARGO_PKG_VERSION")
+    )));
+    app.stop().await;
 }
