@@ -439,6 +439,9 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
             lambda: env_ok(options, "cb-crisp-bridge"))
     attempt("secretsAs env: TOML has no *_file keys",
             lambda: not any(k.endswith("_file") for sec in config_toml(options).values() if isinstance(sec, dict) for k in sec))
+    attempt("secretsAs env: a secret whose *_file the user set gets no variable (it would conflict)",
+            lambda: "CRISP_BRIDGE_CRISP__KEY" not in {e["name"] for e in container(documents(render(
+                chart, {**CI_SECRETS, "secretsAs": "env", "config": {"crisp": {"key_file": "/vault/crisp-key"}}})))["env"]})
     attempt("a *_file key the user sets wins over the chart's path",
             lambda: config_toml(documents(render(chart, {**CI_SECRETS, "config": {"crisp": {"key_file": "/vault/crisp-key"}}})))["crisp"]["key_file"] == "/vault/crisp-key")
     attempt("existingConfigMap is mounted when set",
