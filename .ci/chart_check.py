@@ -11,8 +11,13 @@ Run through .ci/chart-check.sh, which prepares the virtualenv. Steps:
    files under ci/invalid/ are refused (template `fail` or schema);
 4. validate every rendered manifest with `kubernetes-validate --strict`;
    CRD kinds it has no schema for get a structural check only;
-5. assert chart behaviours (checksums roll pods, restricted securityContext,
-   TOML config parses and holds the rules, KEDA wiring, PDB choice, ...).
+5. assert chart behaviours (secrets as files, checksums, restricted securityContext,
+   TOML config parses and holds the rules, KEDA wiring, PDB choice, new pod options,
+   the helm test Pod, ...);
+6. validate the PrometheusRule's structure and that its alerts and the Grafana
+   dashboard query only metrics src/telemetry/metrics.rs defines;
+7. check the generated files are current: values.schema.json's config/rules
+   (.ci/gen_values_schema.py) and the README's values table (.ci/gen_chart_readme.py).
 
 Exits non-zero on any failure, after printing one summary line.
 """
@@ -23,6 +28,7 @@ import base64
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +43,10 @@ import yaml
 import helm_python as helm
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / ".ci"))
+import gen_chart_readme  # noqa: E402
+import gen_values_schema  # noqa: E402
+
 CHART = ROOT / "helm" / "crisp-bridge"
 CI_DIR = CHART / "ci"
 KUBE_VERSION = os.environ.get("CHART_CHECK_KUBE_VERSION", "1.33.0")
@@ -48,7 +58,14 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
+
+# Rendering needs credentials (the chart refuses to render without them).
+CI_SECRETS = {"secret": {"amqpUrl": "amqp://ci:ci@127.0.0.1:5672/%2f", "crispIdentifier": "ci-identifier", "crispKey": "ci-key"}}
+SECRET_KEYS = {"amqp-url": ("amqp", "url"), "crisp-identifier": ("crisp", "identifier"), "crisp-key": ("crisp", "key")}
+MOUNT = "/var/run/secrets/crisp-bridge"
+METRICS_RS = ROOT / "src" / "telemetry" / "metrics.rs"
 
 passed = 0
 failures: list[str] = []
@@ -127,8 +144,15 @@ def pod_annotations(docs: list[dict[str, Any]]) -> dict[str, str]:
     return one(docs, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
 
 
+def config_maps(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The config ConfigMap(s), not the dashboard's."""
+    return [d for d in by_kind(docs, "ConfigMap") if "crisp-bridge.toml" in d.get("data", {})]
+
+
 def config_toml(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return tomllib.loads(one(docs, "ConfigMap")["data"]["crisp-bridge.toml"])
+    cms = config_maps(docs)
+    assert len(cms) == 1, f"expected one config ConfigMap, found {len(cms)}"
+    return tomllib.loads(cms[0]["data"]["crisp-bridge.toml"])
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +161,7 @@ def config_toml(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def step_lint(value_files: list[Path]) -> None:
     section(f"helm lint (Helm {helm.helm_sdk_version()} engine via helm_python.lint)")
-    for label, values in [("default values", None)] + [
+    for label, values in [("default values + secrets", CI_SECRETS)] + [
         (rel(p), load_yaml(p)) for p in value_files
     ]:
         report = helm.lint(
@@ -155,23 +179,6 @@ def step_lint(value_files: list[Path]) -> None:
             f"lint ({label}): no warnings or errors",
             "; ".join(problems) or f"report {report}",
         )
-
-
-# Values documented as one object (not key by key).
-OPAQUE_VALUES = {"rules", "livenessProbe", "readinessProbe", "resources", "podSecurityContext",
-                 "securityContext", "affinity"}
-
-
-def value_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys of values.yaml, down to leaves, empty maps or OPAQUE_VALUES."""
-    keys: list[str] = []
-    for k, v in values.items():
-        dotted = f"{prefix}{k}"
-        if isinstance(v, dict) and v and dotted not in OPAQUE_VALUES:
-            keys.extend(value_keys(v, dotted + "."))
-        else:
-            keys.append(dotted)
-    return keys
 
 
 def schema_has(schema: dict[str, Any], dotted: str) -> bool:
@@ -207,7 +214,8 @@ def step_schema(chart: helm.Chart, value_files: list[Path], invalid_schema: list
 
     check(not errors_of(defaults), "values.yaml validates", "; ".join(errors_of(defaults)))
 
-    keys = value_keys(defaults)
+    # The rows of the README table: leaves, and maps documented as one value.
+    keys = [row[0] for row in gen_chart_readme.rows(defaults, gen_chart_readme.comments((CHART / "values.yaml").read_text()))]
     undescribed = [k for k in keys if not schema_has(schema, k)]
     check(not undescribed, f"all {len(keys)} values in values.yaml have a schema entry", ", ".join(undescribed))
     readme = (CHART / "README.md").read_text()
@@ -227,12 +235,21 @@ def step_schema(chart: helm.Chart, value_files: list[Path], invalid_schema: list
             print(f"        (refused with: {errs[0]})")
     # Unknown top-level keys (typos) are refused.
     check(bool(errors_of({**defaults, "replicas": 2})), "a misspelt top-level value (replicas) is refused")
+    check(not errors_of({**defaults, "global": {"imageRegistry": "r.example.com"}}), "global is accepted (subchart use)")
+    typos = [({"rules": [{**defaults["rules"][0], "colour": "blue"}]}, "colour in a rule"),
+             ({"config": {"delivery": {"concurency": 8}}}, "concurency in config.delivery"),
+             ({"rules": [{**defaults["rules"][0], "color": "teal"}]}, "an unknown color"),
+             ({"config": {"crisp": {"timeout": "10 seconds"}}}, "a malformed duration"),
+             ({"secretsAs": "volume"}, "an unknown secretsAs")]
+    for change, label in typos:
+        check(bool(errors_of({**defaults, **change})), f"{label} is refused by the schema")
+    check(not errors_of({**defaults, "config": {"crisp": {"key_file": "/run/key"}}}), "config.crisp.key_file is accepted")
 
 
 def step_render(chart: helm.Chart, value_files: list[Path]) -> dict[str, list[dict[str, Any]]]:
     section("render (helm_python.Chart.render, offline)")
     renders: dict[str, list[dict[str, Any]]] = {}
-    for label, values in [("default", None)] + [(p.name, load_yaml(p)) for p in value_files]:
+    for label, values in [("default", CI_SECRETS)] + [(p.name, load_yaml(p)) for p in value_files]:
         try:
             rendered = render(chart, values)
         except helm.HelmError as e:
@@ -247,11 +264,21 @@ def step_render(chart: helm.Chart, value_files: list[Path]) -> dict[str, list[di
         # The bridge's own `check` reads these later (.ci/run), proving the chart's TOML
         # is a config the binary accepts.
         out_dir = os.environ.get("CHART_RENDER_DIR")
-        cms = by_kind(docs, "ConfigMap")
+        cms = config_maps(docs)
         if out_dir and cms:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / f"{Path(label).stem}.toml").write_text(cms[0]["data"]["crisp-bridge.toml"])
+            write_for_check(Path(out_dir), Path(label).stem, cms[0]["data"]["crisp-bridge.toml"])
     return renders
+
+
+def write_for_check(out_dir: Path, stem: str, toml_text: str) -> None:
+    """Write a rendered config for .ci/run's `crisp-bridge check`. Its *_file keys name
+    the pod's mounted Secret, absent here: point them at files with dummy secrets."""
+    secrets = out_dir / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    for key in SECRET_KEYS:
+        (secrets / key).write_text(CI_SECRETS["secret"][{"amqp-url": "amqpUrl", "crisp-identifier": "crispIdentifier", "crisp-key": "crispKey"}[key]] + "\n")
+        toml_text = toml_text.replace(f'"{MOUNT}/{key}"', json.dumps(str(secrets / key)))
+    (out_dir / f"{stem}.toml").write_text(toml_text)
 
 
 def step_refusals(chart: helm.Chart) -> None:
@@ -260,6 +287,10 @@ def step_refusals(chart: helm.Chart) -> None:
         "hpa-and-keda.yaml": "mutually exclusive",
         "short-grace-period.yaml": "terminationGracePeriodSeconds (60) must be longer",
         "secret-in-config.yaml": "/config/crisp/key",
+        "no-secrets.yaml": "secret.amqpUrl is empty and no existingSecret is named",
+        "empty-crisp-key.yaml": "secret.crispKey is empty and no existingSecret is named",
+        "colour-in-rule.yaml": "additional properties 'colour' not allowed",
+        "config-typo.yaml": "additional properties 'concurency' not allowed",
     }
     for name, needle in expectations.items():
         path = CI_DIR / "invalid" / name
@@ -273,7 +304,7 @@ def step_refusals(chart: helm.Chart) -> None:
             fail(f"{rel(path)} rendered but must fail")
     # Grace period parsing: seconds and minutes.
     for timeout, grace, should_pass in [("25s", 26, True), ("25s", 25, False), ("1m", 61, True), ("1m30s", 90, False), ("500ms", 2, True), ("500ms", 1, False)]:
-        values = {"config": {"delivery": {"shutdown_timeout": timeout}}, "terminationGracePeriodSeconds": grace}
+        values = {"config": {"delivery": {"shutdown_timeout": timeout}}, "terminationGracePeriodSeconds": grace, **CI_SECRETS}
         try:
             render(chart, values)
             rendered_ok = True
@@ -325,7 +356,8 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
     base = renders.get("default")
     full = renders.get("full-values.yaml")
     existing = renders.get("existing-values.yaml")
-    if not (base and full and existing):
+    options = renders.get("options-values.yaml")
+    if not (base and full and existing and options):
         fail("behaviour checks skipped: a render failed")
         return
 
@@ -344,13 +376,14 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
     def kinds(docs: list[dict[str, Any]]) -> set[str]:
         return {d["kind"] for d in docs}
 
-    attempt("default values: Deployment, ConfigMap, Secret, Service, ServiceAccount, PDB only",
-            lambda: (kinds(base) == {"Deployment", "ConfigMap", "Secret", "Service", "ServiceAccount", "PodDisruptionBudget"}, str(kinds(base))))
-    attempt("full values: + ServiceMonitor, ScaledObject, TriggerAuthentication, no HPA",
-            lambda: (kinds(full) == {"Deployment", "ConfigMap", "Secret", "Service", "ServiceAccount", "PodDisruptionBudget",
-                                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication"}, str(kinds(full))))
+    attempt("default values: Deployment, ConfigMap, Secret, Service, ServiceAccount, PDB, test Pod only",
+            lambda: (kinds(base) == {"Deployment", "ConfigMap", "Secret", "Service", "ServiceAccount", "PodDisruptionBudget", "Pod"}, str(kinds(base))))
+    attempt("full values: + ServiceMonitor, ScaledObject, TriggerAuthentication, PrometheusRule, dashboard ConfigMap, no HPA",
+            lambda: (kinds(full) == {"Deployment", "ConfigMap", "Secret", "Service", "ServiceAccount", "PodDisruptionBudget", "Pod",
+                                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication", "PrometheusRule"}
+                     and len(by_kind(full, "ConfigMap")) == 2, str(kinds(full))))
     attempt("existing Secret/ConfigMap: chart makes neither, nor a ServiceAccount; HPA present",
-            lambda: (kinds(existing) == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"}, str(kinds(existing))))
+            lambda: (kinds(existing) == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "Pod"}, str(kinds(existing))))
 
     # Deployment wiring.
     def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -362,6 +395,9 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
     attempt("config file mounted at /etc/crisp-bridge from the ConfigMap",
             lambda: any(m["mountPath"] == "/etc/crisp-bridge" for m in container(base)["volumeMounts"]))
 
+    def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return one(docs, "Deployment")["spec"]["template"]["spec"]
+
     def env_ok(docs: list[dict[str, Any]], secret: str) -> tuple[bool, str]:
         env = {e["name"]: e for e in container(docs)["env"]}
         want = {"CRISP_BRIDGE_AMQP__URL": "amqp-url", "CRISP_BRIDGE_CRISP__IDENTIFIER": "crisp-identifier", "CRISP_BRIDGE_CRISP__KEY": "crisp-key"}
@@ -369,10 +405,45 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
             ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
             if ref != {"name": secret, "key": key}:
                 return False, f"{name} -> {ref}"
+        if any(v.get("name") == "secrets" for v in pod_spec(docs)["volumes"]):
+            return False, "Secret volume mounted in env mode"
         return env.get("CRISP_BRIDGE_LOG__FORMAT", {}).get("value") == "json", "CRISP_BRIDGE_LOG__FORMAT"
 
-    attempt("secrets come from the chart's Secret as CRISP_BRIDGE_* env; log format json", lambda: env_ok(base, f"{RELEASE}-crisp-bridge"))
-    attempt("existingSecret is used when set", lambda: env_ok(existing, "crisp-bridge-credentials"))
+    def files_ok(docs: list[dict[str, Any]], secret: str, in_toml: bool) -> tuple[bool, str]:
+        """Secret mounted as a directory (kubelet refreshes it: no subPath), no secret env."""
+        spec, c = pod_spec(docs), container(docs)
+        vol = {v["name"]: v for v in spec["volumes"]}.get("secrets", {}).get("secret", {})
+        if vol.get("secretName") != secret or {i["key"] for i in vol.get("items", [])} != set(SECRET_KEYS):
+            return False, f"volume {vol}"
+        mount = [m for m in c["volumeMounts"] if m["name"] == "secrets"]
+        if mount != [{"name": "secrets", "mountPath": MOUNT, "readOnly": True}]:
+            return False, f"mount {mount}"
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        if {"CRISP_BRIDGE_AMQP__URL", "CRISP_BRIDGE_CRISP__IDENTIFIER", "CRISP_BRIDGE_CRISP__KEY"} & set(env):
+            return False, "a secret is also passed as a variable"
+        for key, (sec, name) in SECRET_KEYS.items():
+            path = f"{MOUNT}/{key}"
+            if in_toml:
+                got = config_toml(docs).get(sec, {}).get(f"{name}_file")
+            else:
+                got = env.get(f"CRISP_BRIDGE_{sec.upper()}__{name.upper()}_FILE")
+            if got != path:
+                return False, f"{sec}.{name}_file = {got!r}, want {path}"
+        return True, ""
+
+    attempt("secrets mounted as files at /var/run/secrets/crisp-bridge; the TOML's *_file keys name them",
+            lambda: files_ok(base, f"{RELEASE}-crisp-bridge", in_toml=True))
+    attempt("existingSecret mounted as files; with existingConfigMap the *_file paths come as CRISP_BRIDGE_*__*_FILE variables",
+            lambda: files_ok(existing, "crisp-bridge-credentials", in_toml=False))
+    attempt("secretsAs env: secrets come from the chart's Secret as CRISP_BRIDGE_* variables, no volume; log format json",
+            lambda: env_ok(options, "cb-crisp-bridge"))
+    attempt("secretsAs env: TOML has no *_file keys",
+            lambda: not any(k.endswith("_file") for sec in config_toml(options).values() if isinstance(sec, dict) for k in sec))
+    attempt("secretsAs env: a secret whose *_file the user set gets no variable (it would conflict)",
+            lambda: "CRISP_BRIDGE_CRISP__KEY" not in {e["name"] for e in container(documents(render(
+                chart, {**CI_SECRETS, "secretsAs": "env", "config": {"crisp": {"key_file": "/vault/crisp-key"}}})))["env"]})
+    attempt("a *_file key the user sets wins over the chart's path",
+            lambda: config_toml(documents(render(chart, {**CI_SECRETS, "config": {"crisp": {"key_file": "/vault/crisp-key"}}})))["crisp"]["key_file"] == "/vault/crisp-key")
     attempt("existingConfigMap is mounted when set",
             lambda: one(existing, "Deployment")["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "crisp-bridge-config")
 
@@ -419,7 +490,7 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
             and "minAvailable" not in one(base, "PodDisruptionBudget")["spec"])
     attempt("PDB: minAvailable 1 when at least two replicas are expected", lambda: one(full, "PodDisruptionBudget")["spec"].get("minAvailable") == 1)
     attempt("PDB: replicaCount 3 without autoscaling gives minAvailable 1",
-            lambda: one(documents(render(chart, {"replicaCount": 3})), "PodDisruptionBudget")["spec"].get("minAvailable") == 1)
+            lambda: one(documents(render(chart, {"replicaCount": 3, **CI_SECRETS})), "PodDisruptionBudget")["spec"].get("minAvailable") == 1)
     attempt("PDB: an explicit bound wins", lambda: one(existing, "PodDisruptionBudget")["spec"] .get("maxUnavailable") == "50%")
 
     # Service and monitoring.
@@ -498,6 +569,8 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
     attempt("default rules: DESIGN's order-created example plus trial-started", default_rules_ok)
 
     # Checksums roll the pods.
+    defaults = {**copy.deepcopy(defaults), **copy.deepcopy(CI_SECRETS)}
+
     def checksum_after(change: Callable[[dict[str, Any]], None], annotation: str) -> tuple[str, str]:
         values = copy.deepcopy(defaults)
         before = pod_annotations(documents(render(chart, values)))[annotation]
@@ -515,23 +588,216 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
         v["secret"]["crispKey"] = "rotated"
 
     attempt("checksum/config is stable across renders",
-            lambda: pod_annotations(base)["checksum/config"] == pod_annotations(documents(render(chart, None)))["checksum/config"])
+            lambda: pod_annotations(base)["checksum/config"] == pod_annotations(documents(render(chart, CI_SECRETS)))["checksum/config"])
     for label, change in (("a rule's text changes", rule_text), ("a rule is added", new_rule)):
         attempt(f"checksum/config changes when {label}", lambda change=change: (lambda b, a: (b != a, f"{b} == {a}"))(*checksum_after(change, "checksum/config")))
     attempt("checksum/config does not change when only the Secret changes",
             lambda: (lambda b, a: b == a)(*checksum_after(new_key, "checksum/config")))
-    attempt("checksum/secret changes when a credential changes",
-            lambda: (lambda b, a: b != a)(*checksum_after(new_key, "checksum/secret")))
+    def env_mode(v: dict[str, Any]) -> None:
+        v["secretsAs"] = "env"
+
+    def env_key(v: dict[str, Any]) -> None:
+        env_mode(v)
+        new_key(v)
+
+    defaults_env = copy.deepcopy(defaults)
+    env_mode(defaults_env)
+    attempt("secretsAs env: checksum/secret changes when a credential changes (variables need a restart)",
+            lambda: pod_annotations(documents(render(chart, defaults_env)))["checksum/secret"]
+            != pod_annotations(documents(render(chart, {**defaults_env, "secret": {**defaults["secret"], "crispKey": "rotated"}})))["checksum/secret"])
+    attempt("secretsAs files: no checksum/secret (a rotation is read from the files without a restart)",
+            lambda: "checksum/secret" not in pod_annotations(base) and "checksum/secret" not in pod_annotations(full))
+    attempt("existingSecret: no checksum of its name",
+            lambda: "checksum/secret" not in pod_annotations(existing))
     attempt("podAnnotations are added next to the checksums",
             lambda: pod_annotations(full).get("example.com/team") == "growth" and "checksum/config" in pod_annotations(full))
 
+
+    # Options platform teams expect (ci/options-values.yaml).
+    opt_values = load_yaml(CI_DIR / "options-values.yaml")
+
+    def options_ok() -> tuple[bool, str]:
+        dep = one(options, "Deployment")
+        spec, c = dep["spec"]["template"]["spec"], container(options)
+        checks = {
+            "image by digest": c["image"] == f"{opt_values['image']['repository']}@{opt_values['image']['digest']}",
+            "envFrom": c.get("envFrom") == opt_values["envFrom"],
+            "extraEnv": {"name": "RUST_BACKTRACE", "value": "1"} in c["env"],
+            "extraVolumes": opt_values["extraVolumes"][0] in spec["volumes"],
+            "extraVolumeMounts": opt_values["extraVolumeMounts"][0] in c["volumeMounts"],
+            "initContainers": [i["name"] for i in spec.get("initContainers", [])] == ["wait-for-rabbitmq"],
+            "strategy": dep["spec"].get("strategy") == opt_values["strategy"],
+            "priorityClassName": spec.get("priorityClassName") == "platform-high",
+            "podLabels": dep["spec"]["template"]["metadata"]["labels"].get("team") == "growth",
+            "topologySpreadConstraints get the selector labels": spec.get("topologySpreadConstraints", [{}])[0].get("labelSelector")
+            == {"matchLabels": dep["spec"]["selector"]["matchLabels"]},
+            "PDB policy IfHealthyBudget": one(options, "PodDisruptionBudget")["spec"].get("unhealthyPodEvictionPolicy") == "IfHealthyBudget",
+            "tests.enabled false: no test Pod": not by_kind(options, "Pod"),
+        }
+        bad = [k for k, v in checks.items() if not v]
+        return not bad, ", ".join(bad)
+
+    attempt("new options render: image.digest, envFrom, extraVolumes/Mounts, initContainers, strategy, priorityClassName, "
+            "podLabels, topologySpreadConstraints, PDB policy, tests toggle", options_ok)
+    attempt("defaults: no strategy, priorityClassName, initContainers or topologySpreadConstraints",
+            lambda: not ({"priorityClassName", "initContainers", "topologySpreadConstraints"} & set(pod_spec(base)))
+            and "strategy" not in one(base, "Deployment")["spec"])
+    attempt("PDB: unhealthyPodEvictionPolicy AlwaysAllow by default (a drain is not blocked by unready pods)",
+            lambda: all(one(d, "PodDisruptionBudget")["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow" for d in (base, full, existing)))
+    attempt("PDB: an empty unhealthyPodEvictionPolicy leaves the field out",
+            lambda: "unhealthyPodEvictionPolicy" not in one(documents(render(chart, {**CI_SECRETS, "podDisruptionBudget": {"unhealthyPodEvictionPolicy": ""}})), "PodDisruptionBudget")["spec"])
+
+    def keda_extras() -> tuple[bool, str]:
+        so = one(full, "ScaledObject")["spec"]
+        got = (so["triggers"][0]["metadata"].get("activationValue"), so.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior"))
+        want = (str(full_values["keda"]["activationQueueLength"]), full_values["keda"]["behavior"])
+        return got == want, f"{got} != {want}"
+
+    attempt("KEDA: activationValue from keda.activationQueueLength, behavior under advanced.horizontalPodAutoscalerConfig", keda_extras)
+    attempt("NOTES.txt warns that scaling up during a Crisp hold only adds idle pods",
+            lambda: "only sit idle" in render(chart, load_yaml(CI_DIR / "full-values.yaml")).get("crisp-bridge/templates/NOTES.txt", ""))
+
+    # helm test hook.
+    def test_pod_ok(docs: list[dict[str, Any]]) -> tuple[bool, str]:
+        pod = one(docs, "Pod")
+        c = pod["spec"]["containers"][0]
+        dep_spec, dep_c = pod_spec(docs), container(docs)
+        problems = []
+        if pod["metadata"]["annotations"].get("helm.sh/hook") != "test":
+            problems.append("hook annotation")
+        if c["args"] != ["check", "--config", "/etc/crisp-bridge/crisp-bridge.toml"] or c["image"] != dep_c["image"]:
+            problems.append(f"args/image {c['args']} {c['image']}")
+        if pod["spec"].get("restartPolicy") != "Never":
+            problems.append("restartPolicy")
+        same = lambda items: sorted(json.dumps(x, sort_keys=True) for x in items if x["name"] in ("config", "secrets"))
+        if same(pod["spec"]["volumes"]) != same(dep_spec["volumes"]) or same(c["volumeMounts"]) != same(dep_c["volumeMounts"]):
+            problems.append("config/secret volumes differ from the Deployment's")
+        secret_env = lambda env: [e for e in env if e["name"].startswith(("CRISP_BRIDGE_AMQP", "CRISP_BRIDGE_CRISP"))]
+        if secret_env(c.get("env", [])) != secret_env(dep_c["env"]):
+            problems.append("secret env differs from the Deployment's")
+        sel = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+        if all(pod["metadata"]["labels"].get(k) == v for k, v in sel.items()):
+            problems.append("the Service/PDB selector matches the test Pod")
+        return not problems, "; ".join(problems)
+
+    for label in ("default", "existing-values.yaml", "full-values.yaml"):
+        attempt(f"helm test Pod runs crisp-bridge check with the Deployment's config and secrets ({label})",
+                lambda label=label: test_pod_ok(renders[label]))
+
+
+def metric_names() -> tuple[set[str], set[str]]:
+    """(every metric name, histogram names) declared in src/telemetry/metrics.rs."""
+    text = METRICS_RS.read_text()
+    names = set(re.findall(r'"(crisp_bridge_[a-z0-9_]+)"', text))
+    consts = dict(re.findall(r'pub const ([A-Z_]+): &str = "(crisp_bridge_[a-z0-9_]+)"', text))
+    histograms = {consts[c] for c in re.findall(r"describe_histogram!\(\s*([A-Z_]+)", text) if c in consts}
+    return names, histograms
+
+
+# Series a query may use besides crisp-bridge's own: Prometheus' scrape health.
+BUILTIN_SERIES = {"up"}
+
+
+def unknown_metrics(expr: str, names: set[str], histograms: set[str]) -> list[str]:
+    """Selectors (`name{`) and crisp_bridge_* names in a PromQL expression that no code defines."""
+    used = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr)) | set(re.findall(r"\bcrisp_bridge_[a-z0-9_]+", expr))
+    known = names | BUILTIN_SERIES | {h + suffix for h in histograms for suffix in ("_bucket", "_sum", "_count")}
+    return sorted(used - known)
+
+
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {"groups": {
+            "type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "interval": {"type": "string"}, "rules": {
+                    "type": "array", "minItems": 1, "items": {
+                        "type": "object", "additionalProperties": False, "required": ["expr"],
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                            "record": {"type": "string"},
+                            "expr": {"type": "string", "minLength": 1},
+                            "for": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
+                            "keep_firing_for": {"type": "string"},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                        }}}}}}}},
+    },
+}
+
+EXPECTED_ALERTS = {"CrispBridgeNoConsumer", "CrispBridgeCrispRefused", "CrispBridgeRateLimitHold", "CrispBridgeOutageHold",
+                   "CrispBridgeDeadLetterRatio", "CrispBridgeDeadLetters", "CrispBridgeRetriesClimbing"}
+
+
+def step_monitoring(renders: dict[str, list[dict[str, Any]]]) -> None:
+    section("PrometheusRule and Grafana dashboard (metrics from src/telemetry/metrics.rs)")
+    full = renders.get("full-values.yaml")
+    if not full:
+        fail("monitoring checks skipped: the full render failed")
+        return
+    names, histograms = metric_names()
+    check(len(names) >= 10 and "crisp_bridge_messages_total" in names, f"{len(names)} metric names read from {rel(METRICS_RS)}")
+    rules = by_kind(full, "PrometheusRule")
+    if not check(len(rules) == 1, "full values render one PrometheusRule"):
+        return
+    rule = strip(rules[0])
+    errs = [f"/{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA).iter_errors(rule)]
+    check(not errs, "PrometheusRule matches the monitoring.coreos.com/v1 structure (groups, rules, alert/expr/for/labels/annotations)", "; ".join(errs))
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    got = {a.get("alert") for a in alerts}
+    check(EXPECTED_ALERTS <= got, "alerts: no consumer, credentials refused, rate-limit/quota hold, outage hold, dead letters, retries",
+          str(sorted(EXPECTED_ALERTS - got)))
+    for a in alerts:
+        bad = unknown_metrics(a["expr"], names, histograms)
+        check(not bad, f"alert {a.get('alert') or a.get('record')}: expr names only existing metrics", ", ".join(bad))
+    own = [a for a in alerts if a.get("alert") in EXPECTED_ALERTS]
+    check(all('namespace="crisp",job="crisp-bridge"' in a["expr"] for a in own), "every chart alert selects the release's namespace and job")
+    check(all(a["labels"].get("severity") and a["labels"].get("team") == "growth" and a["annotations"].get("summary") for a in own),
+          "every chart alert has a severity, the alertLabels and a summary")
+    check(any('outcome="dead_lettered"' in a["expr"] for a in own), 'the dead-letter ratio alert uses outcome="dead_lettered"')
+    # Prometheus' own templating survives Helm's.
+    check(any("{{ $labels.pod }}" in a["annotations"].get("description", "") for a in own), "alert descriptions keep Prometheus {{ $labels }} templates")
+
+    boards = [d for d in by_kind(full, "ConfigMap") if "crisp-bridge.json" in d.get("data", {})]
+    if not check(len(boards) == 1, "full values render one dashboard ConfigMap"):
+        return
+    board = boards[0]
+    check(board["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard ConfigMap has the label grafana_dashboard: \"1\"")
+    try:
+        dash = json.loads(board["data"]["crisp-bridge.json"])
+    except json.JSONDecodeError as e:
+        fail(f"dashboard JSON does not parse: {e}")
+        return
+    targets = [t["expr"] for p in dash.get("panels", []) for t in p.get("targets", [])]
+    titles = " | ".join(p.get("title", "") for p in dash.get("panels", []))
+    check(dash.get("uid") and len(targets) >= 8, f"dashboard parses: {len(dash.get('panels', []))} panels ({titles})")
+    bad = sorted({m for t in targets for m in unknown_metrics(t, names, histograms)})
+    check(not bad, "dashboard queries name only existing metrics", ", ".join(bad))
+    for needle, what in (("crisp_bridge_messages_total", "messages by outcome"), ("crisp_bridge_dead_letters_total", "dead letters by reason"),
+                         ("crisp_bridge_crisp_requests_total", "requests by status"), ("histogram_quantile(0.95", "p95 duration"),
+                         ("crisp_bridge_in_flight", "in-flight"), ("crisp_bridge_rate_limit_hold", "holds")):
+        check(any(needle in t for t in targets), f"dashboard has a {what} panel")
+
+
+def step_generated() -> None:
+    section("generated files are current")
+    check(gen_values_schema.generate() == (CHART / "values.schema.json").read_text(),
+          "values.schema.json config/rules match schemas/config.schema.json (run python3 .ci/gen_values_schema.py)")
+    check(gen_chart_readme.readme() == (CHART / "README.md").read_text(),
+          "README values table matches values.yaml (run .ci/gen_chart_readme.py)")
 
 def main() -> int:
     started = time.monotonic()
     print(f"crisp-bridge chart check: {rel(CHART)}, helm_python {helm.__version__} "
           f"(Helm {helm.helm_sdk_version()}), Kubernetes schemas {KUBE_VERSION}")
     value_files = sorted(CI_DIR.glob("*-values.yaml"))
-    invalid_schema = [CI_DIR / "invalid" / "secret-in-config.yaml"]
+    invalid_schema = [CI_DIR / "invalid" / n for n in ("secret-in-config.yaml", "colour-in-rule.yaml", "config-typo.yaml")]
     if not value_files:
         fail(f"no values files in {rel(CI_DIR)}")
     try:
@@ -550,6 +816,8 @@ def main() -> int:
             if renders:
                 step_kubernetes_validate(renders)
             step_behaviour(chart, renders)
+            step_monitoring(renders)
+    step_generated()
     elapsed = time.monotonic() - started
     print()
     if failures:

@@ -50,8 +50,78 @@ app.kubernetes.io/component: consumer
 {{- default (include "crisp-bridge.fullname" .) .Values.existingConfigMap }}
 {{- end }}
 
+{{/* repository@digest when a digest is set (immutable), else repository:tag. */}}
 {{- define "crisp-bridge.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The three credentials: config section, config key, Secret key. The Secret keys
+are the chart's contract with existingSecret; keep them.
+*/}}
+{{- define "crisp-bridge.secretKeys" -}}
+- {section: amqp, key: url, secretKey: amqp-url, value: amqpUrl}
+- {section: crisp, key: identifier, secretKey: crisp-identifier, value: crispIdentifier}
+- {section: crisp, key: key, secretKey: crisp-key, value: crispKey}
+{{- end }}
+
+{{/* True (non-empty) when the user set config.<section>.<key>_file themselves. */}}
+{{- define "crisp-bridge.userFile" -}}
+{{- dig .s.section (printf "%s_file" .s.key) "" .root.Values.config }}
+{{- end }}
+
+{{/*
+Container env for the credentials. `env`: the secrets themselves as
+CRISP_BRIDGE_* variables (skipped for a key whose *_file the user set).
+`files` with existingConfigMap: the *_file paths as variables, since the chart
+cannot write them into a config file it does not render.
+*/}}
+{{- define "crisp-bridge.secretEnv" -}}
+{{- $root := . }}
+{{- range $s := include "crisp-bridge.secretKeys" . | fromYamlArray }}
+{{- $var := printf "CRISP_BRIDGE_%s__%s" (upper $s.section) (upper $s.key) }}
+{{- if eq $root.Values.secretsAs "env" }}
+{{- if not (include "crisp-bridge.userFile" (dict "s" $s "root" $root)) }}
+- name: {{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "crisp-bridge.secretName" $root }}
+      key: {{ $s.secretKey }}
+{{- end }}
+{{- else if $root.Values.existingConfigMap }}
+- name: {{ $var }}_FILE
+  value: {{ printf "%s/%s" $root.Values.secretsMountPath $s.secretKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret volume (files mode). Not subPath-mounted, so kubelet updates it in place. */}}
+{{- define "crisp-bridge.secretVolume" -}}
+{{- if eq .Values.secretsAs "files" }}
+- name: secrets
+  secret:
+    secretName: {{ include "crisp-bridge.secretName" . }}
+    defaultMode: 0440
+    items:
+      - key: amqp-url
+        path: amqp-url
+      - key: crisp-identifier
+        path: crisp-identifier
+      - key: crisp-key
+        path: crisp-key
+{{- end }}
+{{- end }}
+
+{{- define "crisp-bridge.secretVolumeMount" -}}
+{{- if eq .Values.secretsAs "files" }}
+- name: secrets
+  mountPath: {{ .Values.secretsMountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/* The admin port, taken from config.server.listen ("0.0.0.0:9464" -> 9464). */}}
@@ -119,6 +189,14 @@ Usage: include "crisp-bridge.normalize" (dict "v" $value "out" $dict "key" "k")
 {{/* crisp-bridge.toml: config sections plus [[rules]]. */}}
 {{- define "crisp-bridge.configToml" -}}
 {{- $src := merge (dict "rules" .Values.rules) (deepCopy .Values.config) }}
+{{- if eq .Values.secretsAs "files" }}
+{{- /* Point the config at the mounted Secret; a *_file the user set wins. */}}
+{{- range $s := include "crisp-bridge.secretKeys" . | fromYamlArray }}
+{{- $section := get $src $s.section | default dict }}
+{{- $_ := set $section (printf "%s_file" $s.key) (get $section (printf "%s_file" $s.key) | default (printf "%s/%s" $.Values.secretsMountPath $s.secretKey)) }}
+{{- $_ := set $src $s.section $section }}
+{{- end }}
+{{- end }}
 {{- $holder := dict }}
 {{- include "crisp-bridge.normalize" (dict "v" $src "out" $holder "key" "cfg") }}
 {{- get $holder "cfg" | toToml }}
@@ -126,6 +204,11 @@ Usage: include "crisp-bridge.normalize" (dict "v" $value "out" $dict "key" "k")
 
 {{/* Checks that span several values; included by the Deployment. */}}
 {{- define "crisp-bridge.validate" -}}
+{{- if not .Values.existingSecret }}
+{{- range $s := include "crisp-bridge.secretKeys" . | fromYamlArray }}
+{{- $_ := required (printf "secret.%s is empty and no existingSecret is named: set secret.amqpUrl, secret.crispIdentifier and secret.crispKey (e.g. --set-string secret.%s=...), or existingSecret to a Secret with the keys amqp-url, crisp-identifier and crisp-key." $s.value $s.value) (get $.Values.secret $s.value) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are mutually exclusive: both would scale the same Deployment. Enable only one." }}
 {{- end }}
