@@ -34,7 +34,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
     let from_env = std::env::var_os("CRISP_BRIDGE_CONFIG").map(PathBuf::from);
     let named = explicit.map(Path::to_path_buf).or(from_env);
     let mut figment = Figment::new();
-    match named {
+    match named.clone() {
         Some(path) if !path.is_file() => return Err(LoadError::Missing(path)),
         Some(path) => figment = figment.merge(Toml::file_exact(path)),
         // Without a named file, the default file is optional: defaults and env may suffice.
@@ -49,8 +49,14 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
             // CRISP_BRIDGE_CONFIG names the file; it is not a key.
             .ignore(&["config"]),
     );
+    let base_dir = named
+        .as_deref()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     figment
         .extract::<Config>()
+        .map(|config| Config { base_dir, ..config })
         .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
 }
 
@@ -102,6 +108,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Routing rules, tried in order; the first whose routing key pattern and `when` match wins.
     pub rules: Vec<RuleConfig>,
+    /// The directory of the config file: relative paths in the config (schemas) start here.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -342,8 +352,19 @@ impl Pointers {
 pub struct RuleConfig {
     /// Unique name, used in logs, metrics and the `x-crisp-bridge-rule` header.
     pub name: String,
-    /// AMQP topic pattern: `*` one word, `#` zero or more.
-    pub routing_key: String,
+    /// AMQP topic pattern: `*` one word, `#` zero or more. Optional when `type` is given
+    /// (then `#`).
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    /// The event type this rule takes: the CloudEvents `type`, else the AMQP `type` property
+    /// (exact match).
+    #[serde(default, rename = "type")]
+    pub event_type: Option<String>,
+    /// A JSON Schema (draft 2020-12) file, relative to the config file, that messages this
+    /// rule takes must satisfy (what pointers see: the body, or the CloudEvents envelope);
+    /// a message that fails is dead-lettered `schema_violation`.
+    #[serde(default)]
+    pub schema: Option<String>,
     /// JSON pointer -> required value (exact JSON equality).
     #[serde(default)]
     pub when: BTreeMap<String, serde_json::Value>,
