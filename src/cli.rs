@@ -268,7 +268,8 @@ fn map_capture(path: Option<PathBuf>, input: &str, format: Format) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut dead = 0usize;
-    let result = capture::for_each(reader, input, |line, message| {
+    let name = if input == "-" { "stdin" } else { input };
+    let result = capture::for_each(reader, name, |line, message| {
         let outcome = offline.evaluate(&message);
         if matches!(outcome, Outcome::DeadLetter(_)) {
             dead += 1;

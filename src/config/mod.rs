@@ -413,7 +413,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/crisp-bridge.toml");
         let text = std::fs::read_to_string(path).unwrap();
         let config = from_toml_str(&text).unwrap();
-        assert_eq!(config.rules.len(), 3);
+        assert_eq!(config.rules.len(), 4);
         let as_json: serde_json::Value = toml_to_json(&text);
         let validator = jsonschema::validator_for(&json_schema()).unwrap();
         let errors: Vec<String> = validator

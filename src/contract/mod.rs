@@ -187,3 +187,72 @@ impl Offline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::schema::EventSchema;
+    use std::path::Path;
+
+    fn root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn the_example_rule_tests_pass() {
+        let config = crate::config::load(Some(&root().join("examples/crisp-bridge.toml"))).unwrap();
+        let offline = Offline::from_config(&config).unwrap();
+        let results =
+            test_file::run_file(&offline, &root().join("examples/crisp-bridge.test.toml")).unwrap();
+        assert!(results.len() >= 10);
+        for r in results {
+            assert_eq!(r.failure, None, "case `{}`", r.name);
+        }
+    }
+
+    /// Every example event satisfies the schema its rule names.
+    #[test]
+    fn the_example_events_match_their_schemas() {
+        for (event, schema) in [
+            ("order.created.json", "order.created.json"),
+            ("trial.started.json", "trial.json"),
+            ("trial.ended.json", "trial.json"),
+            ("invoice.paid.json", "invoice.paid.json"),
+            (
+                "user.signed_up.cloudevent.json",
+                "user.signed_up.cloudevent.json",
+            ),
+        ] {
+            let schema = EventSchema::load(schema, &root().join("schemas/events")).unwrap();
+            let text = std::fs::read_to_string(root().join("examples/events").join(event)).unwrap();
+            let doc: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(schema.validate(&doc), Ok(()), "{event}");
+        }
+        let listed = std::fs::read_dir(root().join("examples/events"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            listed, 5,
+            "a new example event needs its schema listed here"
+        );
+    }
+
+    #[test]
+    fn the_example_capture_maps_line_by_line() {
+        let config = crate::config::load(Some(&root().join("examples/crisp-bridge.toml"))).unwrap();
+        let offline = Offline::from_config(&config).unwrap();
+        let file = std::fs::File::open(root().join("examples/capture.jsonl")).unwrap();
+        let mut outcomes = Vec::new();
+        capture::for_each(std::io::BufReader::new(file), "capture", |n, m| {
+            outcomes.push(offline.json_line(n, &offline.evaluate(&m)))
+        })
+        .unwrap();
+        let codes: Vec<_> = outcomes
+            .iter()
+            .map(|o| o["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(codes, ["deliver", "dead_letter", "deliver", "skip"]);
+        assert_eq!(outcomes[1]["reason"], "invalid_people_id");
+        assert_eq!(outcomes[2]["rule"], "user-signed-up");
+    }
+}

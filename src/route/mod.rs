@@ -105,19 +105,21 @@ impl Router {
                 );
             }
             let routing_key = match (&rule.routing_key, &rule.event_type) {
-                (Some(key), _) => key.as_str(),
-                (None, Some(_)) => "#",
+                (Some(key), _) => Some(key.as_str()),
+                (None, Some(_)) => Some("#"),
                 (None, None) => {
                     at(
                         "routing_key",
                         "is missing; give a topic pattern like `order.created`, or a `type` to match (then the routing key may be anything)".into(),
                     );
-                    ""
+                    None
                 }
             };
-            let pattern = TopicPattern::parse(routing_key)
-                .map_err(|e| at("routing_key", e))
-                .ok();
+            let pattern = routing_key.and_then(|key| {
+                TopicPattern::parse(key)
+                    .map_err(|e| at("routing_key", e))
+                    .ok()
+            });
             if let Some(t) = &rule.event_type {
                 if t.trim().is_empty() {
                     at(

@@ -226,4 +226,39 @@ mod tests {
         let e = EventSchema::load("nope.json", Path::new("/nonexistent")).unwrap_err();
         assert!(e.contains("/nonexistent/nope.json"), "{e}");
     }
+
+    #[test]
+    fn check_refuses_pointers_the_schema_rules_out_and_rules_without_key_or_type() {
+        let config = crate::config::from_toml_str(
+            r#"
+            [[rules]]
+            name = "t"
+            schema = "trial.json"
+            routing_key = "trial.*"
+            people_id = "/user/email"
+            text = "trial:{/stage}"
+            data = { plan = "/plan", x = "/user/extra" }
+
+            [[rules]]
+            name = "neither"
+            people_id = "/e"
+            text = "x"
+            "#,
+        )
+        .unwrap();
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
+        let problems = crate::route::Router::compile_in(&config.rules, &base).unwrap_err();
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:#?}");
+        assert!(
+            text[0].contains(
+                "rules[0] `t` text: `/stage` can never find anything under schema trial.json"
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            text[1].contains("rules[1] `neither` routing_key: is missing"),
+            "{text:#?}"
+        );
+    }
 }
