@@ -3,6 +3,8 @@
 //! capture of JSON lines, [`capture`]) and `test` (TOML test files, [`test_file`]) use it.
 
 pub mod capture;
+#[cfg(test)]
+mod fuzz;
 pub mod test_file;
 
 use crate::config::{Config, Problem, Unmatched};
