@@ -102,8 +102,13 @@ impl Offline {
         for (name, value) in &p.headers {
             incoming.add_header(name, value.clone());
         }
+        let mut event_type = None;
         let routed = match decode(&incoming) {
-            Ok(decoded) => self.router.route_decoded(&message.routing_key, &decoded),
+            Ok(decoded) => {
+                let routed = self.router.route_decoded(&message.routing_key, &decoded);
+                event_type = decoded.event_type;
+                routed
+            }
             Err(dl) => Routed::Invalid(dl),
         };
         match routed {
@@ -113,9 +118,8 @@ impl Offline {
                 let what = format!(
                     "no rule matches routing key `{}`{}",
                     message.routing_key,
-                    p.kind
-                        .as_deref()
-                        .map(|t| format!(" and type `{t}`"))
+                    event_type
+                        .map(|t| format!(" and type `{}`", t.chars().take(100).collect::<String>()))
                         .unwrap_or_default()
                 );
                 match self.unmatched {
