@@ -188,7 +188,10 @@ mod tests {
         s.content_type = Some("application/cloudevents+json; charset=utf-8");
         let s = decode_message(&s).unwrap();
         let body = serde_json::to_vec(&data).unwrap();
-        let b = decode_message(&binary(&body, Some("application/json"))).unwrap();
+        let mut with_amqp_type = binary(&body, Some("application/json"));
+        with_amqp_type.amqp_type = Some("ignored.when.a.cloud.event");
+        let b = decode_message(&with_amqp_type).unwrap();
+        assert_eq!(b.event_type.as_deref(), Some("com.example.order.created"));
         assert_eq!(s.doc, b.doc);
         assert_eq!(s.id, b.id);
         assert_eq!(s.id.as_deref(), Some(dedup_id("/shop", "evt-1").as_str()));

@@ -655,4 +655,52 @@ mod tests {
             assert!(!validator.is_valid(&bad), "{bad}");
         }
     }
+
+    #[test]
+    fn a_rule_type_matches_the_event_type_and_needs_its_routing_key_when_given() {
+        use crate::decode::Decoded;
+        use crate::route::Routed;
+        let config = crate::config::from_toml_str(
+            r#"
+            [[rules]]
+            name = "both"
+            routing_key = "order.*"
+            type = "order.v2"
+            people_id = "/e"
+            text = "both"
+
+            [[rules]]
+            name = "type-only"
+            type = "order.v1"
+            people_id = "/e"
+            text = "type-only"
+
+            [[rules]]
+            name = "key-only"
+            routing_key = "order.created"
+            people_id = "/e"
+            text = "key-only"
+            "#,
+        )
+        .unwrap();
+        let router = crate::route::Router::compile(&config.rules).unwrap();
+        assert_eq!(router.patterns(), ["order.*", "#", "order.created"]);
+        let route = |key: &str, t: Option<&str>| {
+            let decoded = Decoded {
+                doc: serde_json::json!({"e": "a@b.co"}),
+                id: None,
+                event_type: t.map(str::to_owned),
+                cloud_event: None,
+            };
+            match router.route_decoded(key, &decoded) {
+                Routed::Event(m) => m.rule.to_string(),
+                other => format!("{other:?}"),
+            }
+        };
+        assert_eq!(route("order.created", Some("order.v2")), "both");
+        assert_eq!(route("user.x", Some("order.v2")), "Unmatched");
+        assert_eq!(route("anything", Some("order.v1")), "type-only");
+        assert_eq!(route("order.created", Some("order.v3")), "key-only");
+        assert_eq!(route("order.created", None), "key-only");
+    }
 }
