@@ -3,7 +3,8 @@
 //!     cargo run --example publish -- [--url URL] [--exchange NAME] FILE...
 //!
 //! Each file's name without `.json` is its routing key: `order.created.json` is
-//! published with routing key `order.created`.
+//! published with routing key `order.created`. A `*.cloudevent.json` file is a structured
+//! CloudEvent: it is published with content type `application/cloudevents+json`.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -42,8 +43,13 @@ async fn main() -> anyhow::Result<()> {
             anyhow::anyhow!("{file}: cannot take a routing key from the file name")
         })?;
         let body = std::fs::read(path)?;
+        let content_type = if routing_key.ends_with(".cloudevent") {
+            "application/cloudevents+json"
+        } else {
+            "application/json"
+        };
         let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
+            .with_content_type(content_type.into())
             .with_message_id(uuid::Uuid::new_v4().to_string().into())
             .with_delivery_mode(2);
         let confirm = channel

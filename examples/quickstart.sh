@@ -44,7 +44,7 @@ wait_http http://127.0.0.1:9464/readyz "crisp-bridge"
 echo "== publishing examples/events/*.json"
 target/debug/examples/publish --url "$AMQP_URL" --exchange domain-events examples/events/*.json
 
-expected=3
+expected=4   # order.created, trial.started, invoice.paid, user.signed_up (a CloudEvent); trial.ended is dead-lettered
 for _ in $(seq 1 100); do
   got=$(curl -fsS http://127.0.0.1:8787/_sandbox/events | grep -o '"website_id"' | wc -l)
   [ "$got" -ge "$expected" ] && break

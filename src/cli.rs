@@ -1,13 +1,12 @@
-//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `replay`, `sandbox`.
+//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `test`, `replay`,
+//! `sandbox`.
 
 use crate::config::{self, Problem};
-use crate::crisp::encode_segment;
-use crate::decode::decode;
-use crate::route::{Routed, Router};
+use crate::contract::{capture, test_file, Message, Offline, Outcome};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::{app::App, telemetry};
 use clap::{Parser, Subcommand};
-use std::io::Read;
+use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +31,12 @@ pub struct Cli {
     command: Option<Command>,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Consume and deliver (the default)
@@ -40,12 +45,24 @@ enum Command {
     Check,
     /// Print the Crisp request a message would produce, or its outcome; no network
     Map {
-        /// Routing key the message would arrive with
-        #[arg(long)]
-        routing_key: String,
-        /// Message file, or - for stdin
-        #[arg(default_value = "-")]
+        /// Routing key the message would arrive with (one message)
+        #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+        routing_key: Option<String>,
+        /// Message file, or - for stdin (one message)
+        #[arg(default_value = "-", conflicts_with = "input")]
         message: String,
+        /// A capture: JSON lines {"routing_key", "body", "properties"} (or - for stdin)
+        #[arg(long, value_name = "FILE")]
+        input: Option<String>,
+        /// Output of --input: a readable line, or one JSON object per input line
+        #[arg(long, value_enum, default_value = "text", requires = "input")]
+        format: Format,
+    },
+    /// Run TOML test files of [[case]] tables against the rules; no network
+    Test {
+        /// Test files
+        #[arg(required = true, value_name = "TESTFILE")]
+        files: Vec<PathBuf>,
     },
     /// Move selected dead letters back to the main exchange (with publisher confirms)
     Replay {
@@ -98,7 +115,19 @@ pub fn main() -> ExitCode {
         Command::Map {
             routing_key,
             message,
-        } => map(cli.config, &routing_key, &message),
+            input,
+            format,
+        } => {
+            match (input, routing_key) {
+                (Some(input), _) => map_capture(cli.config, &input, format),
+                (None, Some(routing_key)) => map(cli.config, &routing_key, &message),
+                (None, None) => {
+                    eprintln!("error: map needs --routing-key KEY (one message) or --input FILE (a capture)");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Test { files } => test(cli.config, &files),
         Command::Replay {
             reasons,
             rules,
@@ -208,21 +237,27 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
+/// Loads the config and compiles only the rules: trying rules needs no credentials.
+fn offline(path: Option<PathBuf>) -> Option<(config::Config, Offline)> {
     let loaded = match config::load(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            return None;
         }
     };
-    // Only the rules must be valid: `map` is for trying rules without credentials.
-    let router = match Router::compile(&loaded.rules) {
-        Ok(r) => r.with_max_data_keys(loaded.delivery.max_data_keys),
+    match Offline::from_config(&loaded) {
+        Ok(offline) => Some((loaded, offline)),
         Err(problems) => {
             print_problems(&problems);
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
+    let Some((loaded, offline)) = offline(path) else {
+        return ExitCode::FAILURE;
     };
     let mut body = Vec::new();
     let read = if message == "-" {
@@ -234,18 +269,14 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
         eprintln!("error: cannot read message {message}: {e}");
         return ExitCode::FAILURE;
     }
-    let routed = decode(&body)
-        .map(|doc| router.route(routing_key, &doc))
-        .unwrap_or_else(Routed::Invalid);
-    match routed {
-        Routed::Event(m) => {
-            let website = loaded.crisp.website_id.as_deref().unwrap_or("{website_id}");
-            println!(
-                "POST {}/website/{}/people/events/{}",
-                loaded.crisp.api_url.trim_end_matches('/'),
-                encode_segment(website),
-                encode_segment(&m.people_id)
-            );
+    let message = Message {
+        routing_key: routing_key.to_owned(),
+        body,
+        ..Message::default()
+    };
+    match offline.evaluate(&message) {
+        Outcome::Deliver(m) => {
+            println!("POST {}", offline.url(&m));
             println!("Content-Type: application/json");
             println!("X-Crisp-Tier: {}", loaded.crisp.tier.as_str());
             let mut notes = vec![format!("# rule: {}", m.rule)];
@@ -272,17 +303,11 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Routed::Unmatched => match loaded.delivery.unmatched {
-            config::Unmatched::Ack => {
-                println!("skipped: no rule matches routing key `{routing_key}` (delivery.unmatched = \"ack\")");
-                ExitCode::SUCCESS
-            }
-            config::Unmatched::DeadLetter => {
-                println!("unmatched: no rule matches routing key `{routing_key}` (delivery.unmatched = \"dead-letter\")");
-                ExitCode::from(EXIT_DEAD_LETTER)
-            }
-        },
-        Routed::Invalid(dl) => {
+        Outcome::Skip(detail) => {
+            println!("skipped: {detail}");
+            ExitCode::SUCCESS
+        }
+        Outcome::DeadLetter(dl) => {
             let rule = dl
                 .rule
                 .as_deref()
@@ -291,6 +316,89 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
             println!("{}: {}{rule}", dl.reason.code(), dl.detail);
             ExitCode::from(EXIT_DEAD_LETTER)
         }
+    }
+}
+
+/// `map --input`: one result per captured message; exit 0, 3 when one is dead-lettered,
+/// 1 when the capture cannot be read.
+fn map_capture(path: Option<PathBuf>, input: &str, format: Format) -> ExitCode {
+    let Some((_, offline)) = offline(path) else {
+        return ExitCode::FAILURE;
+    };
+    let reader: Box<dyn BufRead> = if input == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        match std::fs::File::open(input) {
+            Ok(f) => Box::new(std::io::BufReader::new(f)),
+            Err(e) => {
+                eprintln!("error: cannot read {input}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut dead = 0usize;
+    let name = if input == "-" { "stdin" } else { input };
+    let result = capture::for_each(reader, name, |line, message| {
+        let outcome = offline.evaluate(&message);
+        if matches!(outcome, Outcome::DeadLetter(_)) {
+            dead += 1;
+        }
+        let text = match format {
+            Format::Json => offline.json_line(line, &outcome).to_string(),
+            Format::Text => offline.text_line(line, &outcome),
+        };
+        let _ = writeln!(out, "{text}");
+    });
+    let _ = out.flush();
+    match result {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(_) if dead > 0 => ExitCode::from(EXIT_DEAD_LETTER),
+        Ok(_) => ExitCode::SUCCESS,
+    }
+}
+
+/// `test`: every case of every file, `ok` or `FAILED` with a diff; exit 0 when all pass.
+fn test(path: Option<PathBuf>, files: &[PathBuf]) -> ExitCode {
+    let Some((_, offline)) = offline(path) else {
+        return ExitCode::FAILURE;
+    };
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for file in files {
+        let results = match test_file::run_file(&offline, file) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for r in results {
+            match r.failure {
+                None => {
+                    passed += 1;
+                    println!("ok      {} :: {}", file.display(), r.name);
+                }
+                Some(diff) => {
+                    failed += 1;
+                    println!(
+                        "FAILED  {} :: {}\n{}",
+                        file.display(),
+                        r.name,
+                        diff.trim_end()
+                    );
+                }
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -9,13 +9,13 @@
 //! | step | module |
 //! |---|---|
 //! | 1 consume: connect, topology, prefetch | [`broker`] |
-//! | 2 bytes -> JSON object | [`decode`] |
+//! | 2 bytes (and CloudEvents headers) -> JSON object | [`decode`] |
 //! | 3-4 first matching rule -> Crisp event | [`route`] (pure, compiled at start-up) |
 //! | 5 Crisp client: auth, encoding, classification | [`crisp`] |
 //! | 6 ack / dead-letter / requeue | [`broker::settle`] |
 //! | results -> dispositions, per-person order, retries | [`pipeline`] |
 //!
-//! Around them: [`config`] (figment layering, validation), [`app`] (wiring, ordered
+//! Around them: [`contract`] (offline evaluation for `map` and `test`), [`config`] (figment layering, validation), [`app`] (wiring, ordered
 //! shutdown), [`admin`] (`/healthz` `/readyz` `/metrics`), [`telemetry`] (logs and
 //! metric names), [`sandbox`] (a local Crisp for trying rules and for tests), and
 //! [`outcome`] (reason codes and dispositions shared by every step).
@@ -25,6 +25,7 @@ pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod crisp;
 pub mod decode;
 pub mod outcome;

@@ -245,7 +245,8 @@ impl Publisher {
     /// Declares the bridge's topology so messages can be published before it starts.
     pub async fn declare(&self, config: &Path) {
         let config = crisp_bridge::config::load(Some(config)).expect("config");
-        let router = crisp_bridge::route::Router::compile(&config.rules).expect("rules");
+        let router = crisp_bridge::route::Router::compile_in(&config.rules, &config.base_dir)
+            .expect("rules");
         crisp_bridge::broker::declare_topology(&self.channel, &config.amqp, &router.patterns())
             .await
             .expect("declare");

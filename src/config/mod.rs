@@ -61,9 +61,10 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
     let mut config = figment
         .extract::<Config>()
         .map_err(|e| LoadError::Invalid(describe_figment_error(e)))?;
-    if let Some(base) = base {
-        config.resolve_relative_paths(&base);
+    if let Some(base) = &base {
+        config.resolve_relative_paths(base);
     }
+    config.base_dir = base.unwrap_or_default();
     Ok(config)
 }
 
@@ -148,6 +149,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Routing rules, tried in order; the first whose routing key pattern and `when` match wins.
     pub rules: Vec<RuleConfig>,
+    /// The directory of the config file: relative paths in the config (schemas) start here.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -400,8 +405,19 @@ impl Pointers {
 pub struct RuleConfig {
     /// Unique name, used in logs, metrics and the `x-crisp-bridge-rule` header.
     pub name: String,
-    /// AMQP topic pattern: `*` one word, `#` zero or more.
-    pub routing_key: String,
+    /// AMQP topic pattern: `*` one word, `#` zero or more. Optional when `type` is given
+    /// (then `#`).
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    /// The event type this rule takes: the CloudEvents `type`, else the AMQP `type` property
+    /// (exact match).
+    #[serde(default, rename = "type")]
+    pub event_type: Option<String>,
+    /// A JSON Schema (draft 2020-12) file, relative to the config file, that messages this
+    /// rule takes must satisfy (what pointers see: the body, or the CloudEvents envelope);
+    /// a message that fails is dead-lettered `schema_violation`.
+    #[serde(default)]
+    pub schema: Option<String>,
     /// JSON pointer -> required value (exact JSON equality).
     #[serde(default)]
     pub when: BTreeMap<String, serde_json::Value>,
@@ -450,7 +466,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/crisp-bridge.toml");
         let text = std::fs::read_to_string(path).unwrap();
         let config = from_toml_str(&text).unwrap();
-        assert_eq!(config.rules.len(), 3);
+        assert_eq!(config.rules.len(), 4);
         let as_json: serde_json::Value = toml_to_json(&text);
         let validator = jsonschema::validator_for(&json_schema()).unwrap();
         let errors: Vec<String> = validator

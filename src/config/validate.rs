@@ -197,7 +197,7 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
         );
     }
 
-    let router = Router::compile(&config.rules)
+    let router = Router::compile_in(&config.rules, &config.base_dir)
         .map(|r| r.with_max_data_keys(config.delivery.max_data_keys))
         .map_err(|p| problems.extend(p));
     match (router, listen) {

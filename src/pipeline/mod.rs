@@ -14,7 +14,7 @@ pub use gate::{CrispGate, GateState, Hold};
 use crate::broker::settle::{settle, Settled};
 use crate::config::{DeliveryConfig, Unmatched};
 use crate::crisp::{CrispClient, Failure};
-use crate::decode::decode;
+use crate::decode::{decode, Incoming};
 use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason, RequeueKind};
 use crate::route::{Mapped, Routed, Router};
 use crate::telemetry::metrics::{self, Outcome, NO_RULE};
@@ -58,6 +58,8 @@ struct Job {
     channel: Channel,
     delivery: Delivery,
     mapped: Mapped,
+    /// The duplicate window's id: CloudEvents `source` + `id`, else the AMQP `message_id`.
+    id: Option<String>,
 }
 
 /// Settings the pipeline needs besides the delivery section.
@@ -115,6 +117,7 @@ impl Pipeline {
     /// their person's lane.
     pub fn handle(self: &Arc<Self>, channel: Channel, delivery: Delivery) {
         let max = self.settings.max_message_bytes;
+        let mut id = None;
         let decision = if delivery.data.len() > max {
             Routed::Invalid(DeadLetter::new(
                 Reason::TooLarge,
@@ -125,9 +128,14 @@ impl Pipeline {
                 None,
             ))
         } else {
-            decode(&delivery.data)
-                .map(|doc| self.router.route(delivery.routing_key.as_str(), &doc))
-                .unwrap_or_else(Routed::Invalid)
+            match decode(&Incoming::from_delivery(&delivery)) {
+                Ok(decoded) => {
+                    id.clone_from(&decoded.id);
+                    self.router
+                        .route_decoded(delivery.routing_key.as_str(), &decoded)
+                }
+                Err(dl) => Routed::Invalid(dl),
+            }
         };
         let mapped = match decision {
             Routed::Event(mapped) => mapped,
@@ -158,6 +166,7 @@ impl Pipeline {
             channel,
             delivery,
             mapped,
+            id,
         };
         if let Some(first) = self.lanes.push(&key, job) {
             let this = Arc::clone(self);
@@ -194,12 +203,7 @@ impl Pipeline {
     }
 
     async fn run_job(&self, job: &Job) -> Disposition {
-        let message_id = job
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
+        let message_id = job.id.as_deref();
         let body = job.delivery.data.as_slice();
         let disposition = if !job.delivery.acker.usable() || !job.channel.status().connected() {
             // The channel died while this waited: the broker redelivers the message

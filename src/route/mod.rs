@@ -5,11 +5,13 @@
 pub mod map;
 pub mod pattern;
 pub mod pointer;
+pub mod schema;
 pub mod template;
 
 pub use map::CrispEvent;
 
 use crate::config::{Problem, RuleConfig};
+use crate::decode::Decoded;
 use crate::outcome::{mask_people_id, DeadLetter, Reason};
 use map::{
     check_people_id, clamp_text, data_key, is_data_key, DataBuilder, DataCounts,
@@ -17,8 +19,10 @@ use map::{
 };
 use pattern::TopicPattern;
 use pointer::{is_secret_looking, Pointer};
+use schema::EventSchema;
 use serde_json::Value;
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use template::Template;
 
@@ -30,6 +34,9 @@ pub const COLORS: [&str; 10] = [
 struct Rule {
     name: Arc<str>,
     pattern: TopicPattern,
+    /// Matches the CloudEvents `type`, else the AMQP `type` property.
+    event_type: Option<String>,
+    schema: Option<EventSchema>,
     when: Vec<(Pointer, Value)>,
     people_id: Vec<Pointer>,
     text: Template,
@@ -66,7 +73,13 @@ pub enum Routed {
 
 impl Router {
     /// Compiles every rule, collecting all problems instead of stopping at the first.
+    /// Schema paths are relative to the working directory; see [`Router::compile_in`].
     pub fn compile(rules: &[RuleConfig]) -> Result<Self, Vec<Problem>> {
+        Self::compile_in(rules, Path::new(""))
+    }
+
+    /// Compiles every rule; schema paths are relative to `base_dir` (the config file's).
+    pub fn compile_in(rules: &[RuleConfig], base_dir: &Path) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut compiled = Vec::new();
         let mut names = HashSet::new();
@@ -91,9 +104,35 @@ impl Router {
                     ),
                 );
             }
-            let pattern = TopicPattern::parse(&rule.routing_key)
-                .map_err(|e| at("routing_key", e))
-                .ok();
+            let routing_key = match (&rule.routing_key, &rule.event_type) {
+                (Some(key), _) => Some(key.as_str()),
+                (None, Some(_)) => Some("#"),
+                (None, None) => {
+                    at(
+                        "routing_key",
+                        "is missing; give a topic pattern like `order.created`, or a `type` to match (then the routing key may be anything)".into(),
+                    );
+                    None
+                }
+            };
+            let pattern = routing_key.and_then(|key| {
+                TopicPattern::parse(key)
+                    .map_err(|e| at("routing_key", e))
+                    .ok()
+            });
+            if let Some(t) = &rule.event_type {
+                if t.trim().is_empty() {
+                    at(
+                        "type",
+                        "is empty; name the event type, like `com.example.order.created`".into(),
+                    );
+                }
+            }
+            let schema = rule.schema.as_deref().and_then(|name| {
+                EventSchema::load(name, base_dir)
+                    .map_err(|e| at("schema", e))
+                    .ok()
+            });
             let when: Vec<_> = rule
                 .when
                 .iter()
@@ -194,10 +233,36 @@ impl Router {
                     },
                 }
             }
+            if let Some(schema) = &schema {
+                let mut read: Vec<(String, &Pointer)> = Vec::new();
+                read.extend(
+                    when.iter()
+                        .map(|(p, _)| (format!("when.\"{}\"", p.as_str()), p)),
+                );
+                read.extend(people_id.iter().map(|p| ("people_id".to_owned(), p)));
+                if let Some(t) = &text {
+                    read.extend(t.pointers().map(|p| ("text".to_owned(), p)));
+                }
+                read.extend(data.iter().map(|(k, p)| (format!("data.{k}"), p)));
+                for (key, pointer) in read {
+                    if let Some(why) = schema.rules_out(pointer) {
+                        at(
+                            &key,
+                            format!(
+                                "`{}` can never find anything under schema {}: {why}; fix the pointer or the schema",
+                                pointer.as_str(),
+                                schema.name()
+                            ),
+                        );
+                    }
+                }
+            }
             if let (Some(pattern), Some(text)) = (pattern, text) {
                 compiled.push(Rule {
                     name: Arc::from(rule.name.as_str()),
                     pattern,
+                    event_type: rule.event_type.clone(),
+                    schema,
                     when,
                     people_id,
                     text,
@@ -236,16 +301,38 @@ impl Router {
         self.rules.iter().map(|r| &*r.name)
     }
 
-    /// Routes and maps one decoded message.
+    /// Routes and maps one decoded message: rules see its `doc`, a rule's `type` matches
+    /// its `event_type`.
+    pub fn route_decoded(&self, routing_key: &str, decoded: &Decoded) -> Routed {
+        self.route_typed(routing_key, decoded.event_type.as_deref(), &decoded.doc)
+    }
+
+    /// Routes and maps one JSON object that has no event type.
     pub fn route(&self, routing_key: &str, doc: &Value) -> Routed {
+        self.route_typed(routing_key, None, doc)
+    }
+
+    fn route_typed(&self, routing_key: &str, event_type: Option<&str>, doc: &Value) -> Routed {
         let Some(rule) = self.rules.iter().find(|r| {
             r.pattern.matches(routing_key)
+                && r.event_type
+                    .as_deref()
+                    .is_none_or(|t| event_type == Some(t))
                 && r.when
                     .iter()
                     .all(|(p, v)| doc.pointer(p.as_str()) == Some(v))
         }) else {
             return Routed::Unmatched;
         };
+        if let Some(schema) = &rule.schema {
+            if let Err(detail) = schema.validate(doc) {
+                return Routed::Invalid(DeadLetter::new(
+                    Reason::SchemaViolation,
+                    detail,
+                    Some(&rule.name),
+                ));
+            }
+        }
         match map_with(rule, doc, self.max_data_keys) {
             Ok(m) => Routed::Event(m),
             Err((reason, detail)) => {
@@ -567,5 +654,53 @@ mod tests {
         ] {
             assert!(!validator.is_valid(&bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_rule_type_matches_the_event_type_and_needs_its_routing_key_when_given() {
+        use crate::decode::Decoded;
+        use crate::route::Routed;
+        let config = crate::config::from_toml_str(
+            r#"
+            [[rules]]
+            name = "both"
+            routing_key = "order.*"
+            type = "order.v2"
+            people_id = "/e"
+            text = "both"
+
+            [[rules]]
+            name = "type-only"
+            type = "order.v1"
+            people_id = "/e"
+            text = "type-only"
+
+            [[rules]]
+            name = "key-only"
+            routing_key = "order.created"
+            people_id = "/e"
+            text = "key-only"
+            "#,
+        )
+        .unwrap();
+        let router = crate::route::Router::compile(&config.rules).unwrap();
+        assert_eq!(router.patterns(), ["order.*", "#", "order.created"]);
+        let route = |key: &str, t: Option<&str>| {
+            let decoded = Decoded {
+                doc: serde_json::json!({"e": "a@b.co"}),
+                id: None,
+                event_type: t.map(str::to_owned),
+                cloud_event: None,
+            };
+            match router.route_decoded(key, &decoded) {
+                Routed::Event(m) => m.rule.to_string(),
+                other => format!("{other:?}"),
+            }
+        };
+        assert_eq!(route("order.created", Some("order.v2")), "both");
+        assert_eq!(route("user.x", Some("order.v2")), "Unmatched");
+        assert_eq!(route("anything", Some("order.v1")), "type-only");
+        assert_eq!(route("order.created", Some("order.v3")), "key-only");
+        assert_eq!(route("order.created", None), "key-only");
     }
 }
