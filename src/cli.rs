@@ -193,6 +193,12 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
                 amqp.dead_letter_queue,
                 list(&report.kept)
             );
+            if report.kept_max_delivery_count >= 10 {
+                eprintln!(
+                    "warning: a dead letter kept in `{}` has been handed back {} times; on RabbitMQ 4.x the broker drops it after the queue's delivery limit (20 by default): set a policy {{\"delivery-limit\": -1}} on that queue (README: Replaying dead letters)",
+                    amqp.dead_letter_queue, report.kept_max_delivery_count
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

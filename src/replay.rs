@@ -52,6 +52,9 @@ pub struct Selection {
 pub struct Report {
     pub replayed: BTreeMap<String, usize>,
     pub kept: BTreeMap<String, usize>,
+    /// Highest `x-delivery-count` among kept dead letters: on RabbitMQ 4.x each pass
+    /// that hands one back counts toward the dead-letter queue's delivery limit.
+    pub kept_max_delivery_count: u64,
 }
 
 impl Report {
@@ -70,6 +73,19 @@ pub enum ReplayError {
     Broker(#[from] BrokerError),
     #[error("the broker did not confirm the replayed copy of a `{reason}` dead letter; it stays in {queue}, nothing was lost; run replay again")]
     NotConfirmed { reason: String, queue: String },
+    #[error("a `{reason}` dead letter with routing key `{routing_key}` matches no binding of `{exchange}` (amqp.exchange): it would be lost, so it stays in {queue}; bind its routing key, or move it by hand; replay stopped there")]
+    Unroutable {
+        reason: String,
+        routing_key: String,
+        exchange: String,
+        queue: String,
+    },
+    #[error("the replayed copy of a `{reason}` dead letter was confirmed but the dead letter could not be acked ({error}); it stays in {queue} and a later replay would send it twice")]
+    AckFailed {
+        reason: String,
+        queue: String,
+        error: String,
+    },
 }
 
 fn text(value: &AMQPValue) -> Option<String> {
@@ -169,7 +185,8 @@ pub async fn replay(amqp: &AmqpConfig, selection: &Selection) -> Result<Report, 
         })?
         .message_count();
     let mut report = Report::default();
-    let mut kept: Vec<BasicGetMessage> = Vec::new();
+    // Only the ackers: bodies are not held, whatever the queue's size.
+    let mut kept: Vec<lapin::Acker> = Vec::new();
     let mut outcome = Ok(());
     for _ in 0..waiting {
         if selection
@@ -188,41 +205,59 @@ pub async fn replay(amqp: &AmqpConfig, selection: &Selection) -> Result<Report, 
         let Some(message) = got else { break };
         let headers = message.delivery.properties.headers().as_ref();
         let reason = reason_of(headers);
-        if !selects(selection, &reason, headers) || selection.dry_run {
-            let tally = if selection.dry_run && selects(selection, &reason, headers) {
+        let selected = selects(selection, &reason, headers);
+        if !selected || selection.dry_run {
+            let tally = if selected {
                 &mut report.replayed
             } else {
+                report.kept_max_delivery_count =
+                    report.kept_max_delivery_count.max(delivery_count(headers));
                 &mut report.kept
             };
             *tally.entry(reason).or_default() += 1;
-            kept.push(message);
+            kept.push(message.delivery.acker.clone());
             continue;
         }
         match republish(&channel, &amqp.exchange, &message).await {
-            Ok(true) => {
-                let _ = message.delivery.acker.ack(BasicAckOptions::default()).await;
+            Ok(Published::Confirmed) => {
+                if let Err(e) = message.delivery.acker.ack(BasicAckOptions::default()).await {
+                    outcome = Err(ReplayError::AckFailed {
+                        reason,
+                        queue: queue.to_owned(),
+                        error: e.to_string(),
+                    });
+                    break;
+                }
                 *report.replayed.entry(reason).or_default() += 1;
             }
-            Ok(false) => {
-                kept.push(message);
+            Ok(Published::NotConfirmed) => {
+                kept.push(message.delivery.acker.clone());
                 outcome = Err(ReplayError::NotConfirmed {
                     reason,
                     queue: queue.to_owned(),
                 });
                 break;
             }
+            Ok(Published::Unroutable) => {
+                kept.push(message.delivery.acker.clone());
+                outcome = Err(ReplayError::Unroutable {
+                    reason,
+                    routing_key: message.delivery.routing_key.to_string(),
+                    exchange: amqp.exchange.clone(),
+                    queue: queue.to_owned(),
+                });
+                break;
+            }
             Err(e) => {
-                kept.push(message);
+                kept.push(message.delivery.acker.clone());
                 outcome = Err(e.into());
                 break;
             }
         }
     }
     // Hand back what stays, in the order it was read, so the queue keeps its order.
-    for message in &kept {
-        let _ = message
-            .delivery
-            .acker
+    for acker in &kept {
+        let _ = acker
             .nack(BasicNackOptions {
                 multiple: false,
                 requeue: true,
@@ -234,17 +269,40 @@ pub async fn replay(amqp: &AmqpConfig, selection: &Selection) -> Result<Report, 
     outcome.map(|()| report)
 }
 
+/// `x-delivery-count` (RabbitMQ 4.x quorum queues), 0 when absent.
+fn delivery_count(headers: Option<&FieldTable>) -> u64 {
+    match headers.and_then(|h| h.inner().get("x-delivery-count")) {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+enum Published {
+    Confirmed,
+    NotConfirmed,
+    /// No binding matched: the broker returned it (mandatory) instead of dropping it.
+    Unroutable,
+}
+
 async fn republish(
     channel: &lapin::Channel,
     exchange: &str,
     message: &BasicGetMessage,
-) -> Result<bool, BrokerError> {
+) -> Result<Published, BrokerError> {
     let delivery = &message.delivery;
     let confirm = channel
         .basic_publish(
             exchange.into(),
             delivery.routing_key.clone(),
-            BasicPublishOptions::default(),
+            // Without `mandatory`, a routing key no queue is bound to would be confirmed
+            // and dropped: the dead letter would be acked and lost.
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             &delivery.data,
             replay_properties(&delivery.properties),
         )
@@ -253,11 +311,17 @@ async fn republish(
             what: format!("republishing to `{exchange}` (amqp.exchange)"),
             source,
         })?;
-    Ok(tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+    let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
         .await
         .ok()
-        .and_then(Result::ok)
-        .is_some_and(|c| c.is_ack()))
+        .and_then(Result::ok);
+    Ok(match confirmation {
+        Some(c) if c.is_ack() => match c.take_message() {
+            Some(_) => Published::Unroutable,
+            None => Published::Confirmed,
+        },
+        _ => Published::NotConfirmed,
+    })
 }
 
 #[cfg(test)]

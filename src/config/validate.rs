@@ -51,6 +51,13 @@ pub struct Validated {
     pub listen: SocketAddr,
 }
 
+/// Longest duration any setting may have (a week): far beyond any sensible value, far
+/// below what would overflow a clock.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
+/// Lowest non-zero `delivery.max_requests_per_second`.
+const MIN_RATE: f64 = 0.001;
+
 /// Validates the whole config without touching the network.
 pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
     let mut problems = Vec::new();
@@ -146,11 +153,32 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             "is 0; at least one request must be allowed in flight".into(),
         );
     }
-    if !d.max_requests_per_second.is_finite() || d.max_requests_per_second < 0.0 {
+    let rate = d.max_requests_per_second;
+    if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_RATE) {
         bad(
             "delivery.max_requests_per_second",
-            "must be 0 (no limit) or a positive number".into(),
+            format!("must be 0 (no limit) or at least {MIN_RATE} (one request every 1000 s)"),
         );
+    }
+    // Durations end up added to clocks: an absurd one would overflow them.
+    for (key, value) in [
+        ("amqp.consumer_timeout", amqp.consumer_timeout),
+        ("crisp.timeout", crisp.timeout),
+        ("delivery.initial_backoff", d.initial_backoff),
+        ("delivery.max_backoff", d.max_backoff),
+        ("delivery.max_retry_time", d.max_retry_time),
+        ("delivery.shutdown_timeout", d.shutdown_timeout),
+        ("delivery.dedup_window", d.dedup_window),
+    ] {
+        if value > MAX_DURATION {
+            bad(
+                key,
+                format!(
+                    "is longer than {}; use a shorter duration",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            );
+        }
     }
     if d.initial_backoff.is_zero() {
         bad(
@@ -167,7 +195,7 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
     // A delivery held past the broker's consumer timeout closes the whole channel, so
     // keep the retry budget (plus a request in flight) well under it.
     let limit = amqp.consumer_timeout / 2;
-    if d.max_retry_time + crisp.timeout > limit {
+    if d.max_retry_time.saturating_add(crisp.timeout) > limit {
         bad(
             "delivery.max_retry_time",
             format!(
@@ -319,6 +347,21 @@ mod tests {
             "{problems:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn absurd_durations_and_rates_are_refused_not_overflowed() {
+        let toml = OK.to_owned()
+            + "[delivery]\nmax_retry_time = \"500000000000000000s\"\nmax_backoff = \"9999999999h\"\nmax_requests_per_second = 1e-300\n";
+        let problems = validate(from_toml_str(&toml).unwrap()).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "delivery.max_retry_time",
+            "delivery.max_backoff",
+            "delivery.max_requests_per_second",
+        ] {
+            assert!(keys.contains(&key), "{key} missing in {problems:?}");
+        }
     }
 
     #[test]

@@ -15,6 +15,10 @@ use std::borrow::Cow;
 /// Longest event text sent; Crisp's limit is unconfirmed and 200 characters is safe.
 pub const MAX_TEXT_CHARS: usize = 200;
 
+/// Longest `data` key sent. Flattening repeats a key's prefix in every leaf under it, so
+/// without a bound a 1 MiB message could make a body of many megabytes.
+pub const MAX_DATA_KEY_BYTES: usize = 128;
+
 /// Default of `delivery.max_data_keys`: most `data` keys one event carries.
 pub const DEFAULT_MAX_DATA_KEYS: usize = 50;
 
@@ -84,6 +88,12 @@ impl DataBuilder {
 
     /// Adds `value` under `key` (already a valid data key), flattened.
     pub fn insert(&mut self, key: &str, value: &Value) {
+        if key.len() > MAX_DATA_KEY_BYTES || self.data.len() >= self.max_keys {
+            // Nothing under here can be sent: count it without building keys, so a
+            // hostile body costs linear time, not leaves × key length.
+            self.counts.dropped += leaves(value);
+            return;
+        }
         match value {
             Value::Null => {}
             Value::Object(map) => {
@@ -119,6 +129,17 @@ impl DataBuilder {
 
     pub fn finish(self) -> (Map<String, Value>, DataCounts) {
         (self.data, self.counts)
+    }
+}
+
+/// Scalars (not `null`) in `value`: the keys it would flatten into. Depth is bounded by
+/// the JSON parser's recursion limit.
+fn leaves(value: &Value) -> usize {
+    match value {
+        Value::Null => 0,
+        Value::Object(map) => map.values().map(leaves).sum(),
+        Value::Array(items) => items.iter().map(leaves).sum(),
+        _ => 1,
     }
 }
 
@@ -217,6 +238,22 @@ mod tests {
         let (data, counts) = b.finish();
         assert_eq!(Value::Object(data), json!({"k_a_b": 3}));
         assert_eq!(counts.collisions, 2);
+    }
+
+    #[test]
+    fn long_keys_are_dropped_and_hostile_bodies_cost_linear_time() {
+        // 400 KB of key over 20,000 leaves: leaves × key length would be 8 GB of keys.
+        let long = "k".repeat(400_000);
+        let leaves: Map<String, Value> = (0..20_000).map(|i| (format!("a{i}"), json!(i))).collect();
+        let doc = json!({ long.clone(): Value::Object(leaves), "ok": 1 });
+        let mut b = DataBuilder::new(DEFAULT_MAX_DATA_KEYS);
+        b.insert("card", &doc);
+        let (data, counts) = b.finish();
+        assert_eq!(Value::Object(data), json!({"card_ok": 1}));
+        assert_eq!(counts.dropped, 20_000);
+        let mut b = DataBuilder::new(2);
+        b.insert("k", &json!({"a": 1, "b": 2, "c": {"d": [1, 2, null]}}));
+        assert_eq!(b.finish().1.dropped, 2);
     }
 
     #[test]

@@ -204,6 +204,16 @@ impl Router {
                     at("data", "has an empty key".into());
                     continue;
                 }
+                if key.len() > map::MAX_DATA_KEY_BYTES {
+                    at(
+                        &format!("data.{key}"),
+                        format!(
+                            "is longer than {} bytes; use a short key",
+                            map::MAX_DATA_KEY_BYTES
+                        ),
+                    );
+                    continue;
+                }
                 if !is_data_key(key) {
                     at(
                         &format!("data.{key}"),

@@ -87,3 +87,39 @@ async fn replays_selected_dead_letters_and_keeps_the_rest_in_order() {
     }
     app.stop_with_empty_queues().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_whose_routing_key_matches_no_binding_is_kept_not_lost() {
+    let mut app = TestApp::builder("replay-unroutable").start().await;
+    // Published straight to the queue (default exchange, the queue's name as key): its
+    // dead letter keeps a routing key no binding of the main exchange matches.
+    app.broker
+        .publish(
+            "",
+            &app.names.queue,
+            b"not json",
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    eventually("the dead letter", || async {
+        (app.broker.ready(&app.names.dlq).await == 1).then_some(())
+    })
+    .await;
+    let toml = config_toml(&amqp_url().await, &app.names, "http://127.0.0.1:1/v1", "");
+    let amqp = config::from_toml_str(&toml).expect("config").amqp;
+    let selection = Selection {
+        reasons: vec!["invalid_json".into()],
+        ..Default::default()
+    };
+    let error = replay(&amqp, &selection)
+        .await
+        .expect_err("an unroutable replay is refused");
+    assert!(error.to_string().contains("matches no binding"), "{error}");
+    eventually("the dead letter still there", || async {
+        (app.broker.ready(&app.names.dlq).await == 1).then_some(())
+    })
+    .await;
+    let kept = app.broker.take(&app.names.dlq, 1).await;
+    assert_eq!(kept[0].delivery.data, b"not json");
+    app.stop().await;
+}
