@@ -24,6 +24,7 @@ pub const CRISP_OUTAGE: &str = "crisp_bridge_crisp_outage_hold";
 pub const LANE_PANICS: &str = "crisp_bridge_lane_panics_total";
 pub const CONCURRENCY_LIMIT: &str = "crisp_bridge_concurrency_limit";
 pub const HOLDING: &str = "crisp_bridge_rate_limit_hold";
+pub const REQUEST_RATE_LIMIT: &str = "crisp_bridge_request_rate_limit";
 
 /// Rule label for messages no rule applied to.
 pub const NO_RULE: &str = "none";
@@ -126,6 +127,10 @@ fn describe() {
         "Messages whose processing panicked (a bug); each was handed back to the broker."
     );
     describe_gauge!(
+        REQUEST_RATE_LIMIT,
+        "Requests per second this pod allows itself, learned from Crisp's 429/420 answers (0: none learned)."
+    );
+    describe_gauge!(
         CRISP_REFUSED,
         "1 while Crisp refuses our credentials, plan or website id."
     );
@@ -212,6 +217,10 @@ fn requests_today() {
 
 pub fn concurrency_limit(limit: f64) {
     gauge!(CONCURRENCY_LIMIT).set(limit);
+}
+
+pub fn request_rate_limit(per_second: f64) {
+    gauge!(REQUEST_RATE_LIMIT).set(per_second);
 }
 
 pub fn holding(on: bool) {
