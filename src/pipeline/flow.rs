@@ -72,7 +72,9 @@ impl Published {
 
 /// Fraction of the accepted rate kept after a 429/420: the accepted rate already is the
 /// share Crisp gives us, so a small cut suffices and keeps the average near the limit.
-const BETA: f64 = 0.93;
+const BETA: f64 = 0.95;
+/// Two cuts are at least this far apart.
+const CUT_SPACING: Duration = Duration::from_millis(1000);
 /// Growth near the last limit, as a fraction of it per second of saturated sending.
 const NEAR_GROWTH: f64 = 0.03;
 /// Far below or beyond the last limit the rate doubles per second of saturated sending,
@@ -173,7 +175,17 @@ impl Pacing {
         }
         self.last_claim = now;
         self.next_slot = match self.rate() {
-            Some(rate) => now + Duration::from_secs_f64(1.0 / rate),
+            Some(rate) => {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                // Spaced from the turn, not from the (late) wake-up, so timer slack does
+                // not eat the rate; after an idle spell no credit is banked.
+                let from = if now.duration_since(turn) < interval {
+                    turn
+                } else {
+                    now
+                };
+                from + interval
+            }
             None => now,
         };
         self.sent.push(now);
@@ -198,8 +210,12 @@ impl Pacing {
 
     /// Crisp said "too many" to a request sent at `sent_at`; true when the rate changed.
     fn cut(&mut self, sent_at: Instant, now: Instant) -> bool {
-        if self.last_cut.is_some_and(|cut| sent_at < cut) {
-            // Sent before the last cut: that cut already answered this excess.
+        if self
+            .last_cut
+            .is_some_and(|cut| sent_at < cut || now.duration_since(cut) < CUT_SPACING)
+        {
+            // Sent before the last cut, or too soon after it: a limiter counting the
+            // last second still remembers the excess that cut answered.
             return false;
         }
         let accepted = self.accepted.per_second(now);
