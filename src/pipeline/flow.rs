@@ -75,12 +75,15 @@ impl Published {
 const BETA: f64 = 0.95;
 /// Two cuts are at least this far apart.
 const CUT_SPACING: Duration = Duration::from_millis(1000);
-/// Growth near the last limit, as a fraction of it per second of saturated sending.
-const NEAR_GROWTH: f64 = 0.03;
-/// Far below or beyond the last limit the rate doubles per second of saturated sending,
-/// so a lifted limit is found again within seconds.
+/// Growth near the last limit, as a fraction of it per second of saturated sending:
+/// slow, since with N pods each cut removes only its own share of the excess.
+const NEAR_GROWTH: f64 = 0.015;
+/// Far below the last limit the rate doubles per second of saturated sending, and
+/// beyond it triples, so a lifted limit is found again within seconds.
 const FAR_BELOW: f64 = 0.8;
-const FAR_ABOVE: f64 = 1.05;
+const FAR_ABOVE: f64 = 1.03;
+const BELOW_GROWTH: f64 = 2.0;
+const ABOVE_GROWTH: f64 = 3.0;
 /// Beyond this multiple of the last limit the learned rate is forgotten.
 const FORGET_ABOVE: f64 = 64.0;
 /// Never slower than this (a rate of zero would stop the pod for good).
@@ -195,8 +198,10 @@ impl Pacing {
     fn grow(&mut self, secs: f64) {
         let Some(rate) = self.learned else { return };
         let limit = self.last_limit;
-        let grown = if rate < FAR_BELOW * limit || rate > FAR_ABOVE * limit {
-            rate * 2f64.powf(secs)
+        let grown = if rate < FAR_BELOW * limit {
+            rate * BELOW_GROWTH.powf(secs)
+        } else if rate > FAR_ABOVE * limit {
+            rate * ABOVE_GROWTH.powf(secs)
         } else {
             rate + NEAR_GROWTH * limit * secs
         };
