@@ -7,8 +7,9 @@
 //!     cargo run --release --example flow_bench -- [--pods 3] [--limit 50] [--latency-ms 100]
 //!         [--warmup 5] [--seconds 20] [--retry-after 0|1]
 //!
-//! `--limit 0` runs without a limit (throughput only). `CRISP_BRIDGE_BIN` picks the
-//! binary (e.g. an older build, for a same-run baseline).
+//! `--limit 0` runs without a limit (throughput only). `FLOW_BENCH_BIN` picks the
+//! binary (e.g. an older build, for a same-run baseline; a `CRISP_BRIDGE_` name would be
+//! read as a config override by the bridge).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -38,7 +39,7 @@ async fn main() {
     let warmup = arg(&args, "--warmup", 5);
     let seconds = arg(&args, "--seconds", 20);
     let retry_after = arg(&args, "--retry-after", 0) == 1;
-    let bin = std::env::var("CRISP_BRIDGE_BIN")
+    let bin = std::env::var("FLOW_BENCH_BIN")
         .map(Into::into)
         .unwrap_or_else(|_| default_bin());
 

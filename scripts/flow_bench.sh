@@ -20,7 +20,7 @@ for s in "${scenarios[@]}"; do
     target/release/examples/flow_bench $s
     if [[ -n "${BASE_BIN:-}" ]]; then
       # shellcheck disable=SC2086
-      CRISP_BRIDGE_BIN="$BASE_BIN" target/release/examples/flow_bench $s | sed 's/^/baseline /'
+      FLOW_BENCH_BIN="$BASE_BIN" target/release/examples/flow_bench $s | sed 's/^/baseline /'
     fi
   done
 done

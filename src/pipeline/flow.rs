@@ -163,6 +163,15 @@ impl Pacing {
 
     /// Takes the turn if it has come; else says when to look again.
     fn claim(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
+        let learned = self.learned.is_some();
+        let claimed = self.claim_turn(now, waited);
+        if learned && self.learned.is_none() {
+            metrics::request_rate_limit(0.0);
+        }
+        claimed
+    }
+
+    fn claim_turn(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
         let turn = self.next_slot.max(self.paused_until);
         if turn > now {
             return Err(turn);
@@ -231,13 +240,15 @@ impl Pacing {
         }
         let sending = self.sent.per_second(now).max(MIN_RATE);
         let current = self.rate().map_or(sending, |r| r.min(sending));
-        // What Crisp let through is the share it gives us; never below half of what we
-        // sent, so a quiet second does not collapse the rate.
-        let base = self
-            .accepted
-            .per_second(now)
-            .max(current / 2.0)
-            .min(current);
+        // What Crisp let through is the share it gives us. Near the last limit a stall
+        // (a slow second on our side) must not pass for a smaller share: cut at most
+        // by a tenth there; far above it, at most by half.
+        let floor = if current <= FAR_ABOVE * self.last_limit {
+            current * 0.9
+        } else {
+            current / 2.0
+        };
+        let base = accepted.max(floor).min(current);
         // With nothing accepted the answer says nothing about the limit (everything is
         // refused): keep the old estimate, so recovery ramps fast up to it.
         if accepted > 0.0 || self.last_limit < MIN_RATE {
@@ -415,6 +426,12 @@ impl Flow {
         if stopping.is_cancelled() || !self.state().is_sending() {
             return Err(NotNow);
         }
+        let throttled = self.lock().learned.is_some();
+        self.published.send_if_modified(|p| {
+            let changed = p.throttled != throttled;
+            p.throttled = throttled;
+            changed
+        });
         Ok(Permit {
             _slot: slot,
             sent_at,
