@@ -1,6 +1,6 @@
 //! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
 
-use crate::pipeline::{CrispGate, GateState, Hold};
+use crate::pipeline::{Flow, FlowState};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -15,17 +15,16 @@ use std::sync::Arc;
 pub struct Health {
     pub broker_connected: AtomicBool,
     pub consuming: AtomicBool,
-    pub gate: Arc<CrispGate>,
-    pub hold: Arc<Hold>,
+    /// Read only: the flow component owns its state.
+    flow: Arc<Flow>,
 }
 
 impl Health {
-    pub fn new(gate: Arc<CrispGate>, hold: Arc<Hold>) -> Self {
+    pub fn new(flow: Arc<Flow>) -> Self {
         Self {
             broker_connected: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
-            gate,
-            hold,
+            flow,
         }
     }
 
@@ -39,17 +38,18 @@ impl Health {
 
     /// Why the pod is not ready, or `None` when it is.
     pub fn not_ready(&self) -> Option<&'static str> {
+        let flow = self.flow.state();
         if !self.broker_connected.load(Ordering::Acquire) {
             Some("not connected to RabbitMQ")
-        } else if self.gate.is_refused() {
+        } else if flow == FlowState::Refused {
             Some("Crisp refuses our credentials, plan or website id, or redirects us (check crisp.api_url)")
-        } else if self.hold.is_holding() {
+        } else if matches!(flow, FlowState::Held { .. }) {
             Some(
                 "holding: Crisp keeps rate limiting us (daily quota?); messages wait in the broker",
             )
         } else if !self.consuming.load(Ordering::Acquire)
             // An outage pauses consuming, but a restart would not help: stay ready.
-            && self.gate.state() != GateState::Outage
+            && flow != FlowState::Outage
         {
             Some("not consuming")
         } else {

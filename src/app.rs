@@ -4,8 +4,8 @@ use crate::admin::{self, Health};
 use crate::broker;
 use crate::config::{redact_url, Config, Validated};
 use crate::crisp::CrispClient;
-use crate::pipeline::{Pipeline, PipelineSettings};
-use crate::telemetry::metrics::{self, Outcome, NO_RULE};
+use crate::pipeline::{FlowState, Pipeline, PipelineSettings};
+use crate::telemetry::metrics;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Connection, Consumer};
@@ -59,10 +59,7 @@ impl App {
                 max_message_bytes: config.amqp.max_message_bytes,
             },
         );
-        let health = Arc::new(Health::new(
-            Arc::clone(&pipeline.gate),
-            Arc::clone(&pipeline.hold),
-        ));
+        let health = Arc::new(Health::new(Arc::clone(&pipeline.flow)));
         Ok(Self {
             config: Arc::new(config),
             pipeline,
@@ -192,10 +189,11 @@ impl Session {
     ) -> Option<String> {
         let amqp = &self.config.amqp;
         loop {
-            if !self.pipeline.gate.is_open() {
+            let flow = &self.pipeline.flow;
+            if matches!(flow.state(), FlowState::Refused | FlowState::Outage) {
                 self.pipeline.wait_until_crisp_accepts(shutdown).await;
             }
-            if let Some(until) = self.pipeline.hold.until() {
+            if let FlowState::Held { until } = flow.state() {
                 tracing::info!(
                     resume_in_s = until
                         .saturating_duration_since(tokio::time::Instant::now())
@@ -209,7 +207,7 @@ impl Session {
             }
             // Also clears a hold that expired before we got here, which would otherwise
             // end every consuming session at once.
-            self.pipeline.hold.clear();
+            flow.clear_hold();
             if shutdown.is_cancelled() {
                 self.pipeline
                     .shutdown(self.config.delivery.shutdown_timeout)
@@ -255,8 +253,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = self.pipeline.gate.closed() => break SessionEnd::Paused,
-                _ = self.pipeline.hold.started() => break SessionEnd::Paused,
+                _ = self.pipeline.flow.closed() => break SessionEnd::Paused,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => self.pipeline.handle(channel.clone(), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
@@ -276,8 +273,7 @@ impl Session {
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {
-            let _ = broker::settle::requeue_not_now(&delivery).await;
-            metrics::message(NO_RULE, Outcome::Requeued);
+            self.pipeline.hand_back(channel, &delivery).await;
             requeued += 1;
         }
         if requeued > 0 {

@@ -38,7 +38,7 @@ pub enum Settled {
     Done,
     /// The delivery's channel had died: the broker will redeliver the message.
     Stale,
-    /// The dead-letter copy was not confirmed, so the original was requeued instead.
+    /// The dead-letter copy was not confirmed; the original is still unsettled.
     DeadLetterFailed,
 }
 
@@ -262,9 +262,9 @@ async fn dead_letter(
             tracing::error!(
                 reason = dl.reason.code(),
                 exchange,
-                "the broker did not confirm the dead-letter copy; requeueing the original"
+                "the broker did not confirm the dead-letter copy; the original goes back to the queue"
             );
-            let _ = requeue_not_now(delivery).await;
+            // The caller decides the original's fate (it is requeued).
             Settled::DeadLetterFailed
         }
     }

@@ -1,54 +1,47 @@
-//! The one place that turns each step's result into a [`Disposition`], and runs
-//! deliveries: per-person order, bounded concurrency, retries with backoff.
-//!
-//! decode -> route/map -> (lane per people id) -> deliver with retries -> settle
+//! Runs deliveries: decode -> route/map -> (lane per people id) -> deliver through the
+//! [`Flow`] -> the message's [`fate`] -> settle, all settlements through one path.
 
 mod dedup;
-mod gate;
+mod fate;
+mod flow;
 mod lanes;
 mod limit;
-mod pace;
 
-pub use gate::{CrispGate, GateState, Hold};
+pub use fate::{fate, FateSettings, Happened};
+pub use flow::{Flow, FlowState};
 
 use crate::broker::settle::{settle, Settled};
-use crate::config::{DeliveryConfig, Unmatched};
+use crate::config::DeliveryConfig;
 use crate::crisp::{CrispClient, Failure};
 use crate::decode::{decode, Incoming};
-use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason, RequeueKind};
+use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason};
 use crate::route::{Mapped, Routed, Router};
 use crate::telemetry::metrics::{self, Outcome, NO_RULE};
 use dedup::Dedup;
+use flow::Retry;
 use futures_util::FutureExt;
 use lanes::Lanes;
 use lapin::message::Delivery;
 use lapin::Channel;
-use limit::AdaptiveLimit;
-use pace::{backoff, Pace};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Runs one message's work; a panic (a bug) becomes a requeue that counts toward the
 /// delivery limit, so a message that always panics ends in the dead-letter queue
 /// instead of cycling, and the lane lives on for that person's later messages.
-async fn contain_panic(
-    work: impl std::future::Future<Output = Disposition>,
-    rule: &str,
-) -> Disposition {
+async fn contain_panic(work: impl std::future::Future<Output = Happened>, rule: &str) -> Happened {
     match AssertUnwindSafe(work).catch_unwind().await {
-        Ok(disposition) => disposition,
+        Ok(happened) => happened,
         Err(_) => {
             metrics::lane_panic();
             tracing::error!(
                 rule,
                 "handling a message panicked (a bug); handing it back to the broker"
             );
-            Disposition::Requeue(RequeueKind::RetriesExhausted)
+            Happened::Panicked
         }
     }
 }
@@ -74,15 +67,10 @@ pub struct Pipeline {
     router: Router,
     client: CrispClient,
     settings: PipelineSettings,
-    limit: AdaptiveLimit,
-    pace: Pace,
     lanes: Lanes<Job>,
     dedup: Dedup,
-    pub gate: Arc<CrispGate>,
-    pub hold: Arc<Hold>,
-    /// Requests Crisp accepted since start: a message whose retries ran out while this
-    /// did not move saw an outage, not a problem of its own.
-    accepted: AtomicU64,
+    /// Everything about when and how fast requests go to Crisp.
+    pub flow: Arc<Flow>,
     tasks: TaskTracker,
     /// Shutdown began: start nothing new, requeue what waits.
     stopping: CancellationToken,
@@ -93,16 +81,12 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(router: Router, client: CrispClient, settings: PipelineSettings) -> Arc<Self> {
         Arc::new(Self {
-            limit: AdaptiveLimit::new(settings.delivery.concurrency),
-            pace: Pace::new(settings.delivery.max_requests_per_second),
+            flow: Arc::new(Flow::new(&settings.delivery)),
             dedup: Dedup::new(settings.delivery.dedup_window),
             router,
             client,
             settings,
             lanes: Lanes::default(),
-            gate: Arc::new(CrispGate::default()),
-            hold: Arc::new(Hold::default()),
-            accepted: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
@@ -140,24 +124,14 @@ impl Pipeline {
         let mapped = match decision {
             Routed::Event(mapped) => mapped,
             Routed::Unmatched => {
-                let disposition = match self.settings.delivery.unmatched {
-                    Unmatched::Ack => Disposition::Ack { delivered: false },
-                    Unmatched::DeadLetter => Disposition::DeadLetter(DeadLetter::new(
-                        Reason::Unmatched,
-                        format!("no rule matches routing key `{}`", delivery.routing_key),
-                        None,
-                    )),
+                let happened = Happened::Unmatched {
+                    routing_key: delivery.routing_key.to_string(),
                 };
-                return self.settle_in_background(channel, delivery, NO_RULE.into(), disposition);
+                return self.settle_in_background(channel, delivery, NO_RULE.into(), happened);
             }
             Routed::Invalid(dl) => {
                 let rule = dl.rule.clone().unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(
-                    channel,
-                    delivery,
-                    rule,
-                    Disposition::DeadLetter(dl),
-                );
+                return self.settle_in_background(channel, delivery, rule, Happened::Invalid(dl));
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
@@ -180,11 +154,11 @@ impl Pipeline {
         channel: Channel,
         delivery: Delivery,
         rule: String,
-        disposition: Disposition,
+        happened: Happened,
     ) {
         let this = Arc::clone(self);
         self.tasks
-            .spawn(async move { this.finish(&channel, &delivery, &rule, disposition).await });
+            .spawn(async move { this.finish(&channel, &delivery, &rule, happened).await });
     }
 
     async fn run_lane(self: Arc<Self>, key: String, first: Job) {
@@ -192,8 +166,8 @@ impl Pipeline {
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
-            let disposition = contain_panic(self.run_job(&job), &job.mapped.rule).await;
-            self.finish(&job.channel, &job.delivery, &job.mapped.rule, disposition)
+            let happened = contain_panic(self.run_job(&job), &job.mapped.rule).await;
+            self.finish(&job.channel, &job.delivery, &job.mapped.rule, happened)
                 .await;
             match self.lanes.next(&key) {
                 Some(next) => job = next,
@@ -202,86 +176,67 @@ impl Pipeline {
         }
     }
 
-    async fn run_job(&self, job: &Job) -> Disposition {
+    async fn run_job(&self, job: &Job) -> Happened {
         let message_id = job.id.as_deref();
         let body = job.delivery.data.as_slice();
-        let disposition = if !job.delivery.acker.usable() || !job.channel.status().connected() {
+        let happened = if !job.delivery.acker.usable() || !job.channel.status().connected() {
             // The channel died while this waited: the broker redelivers the message
             // on the new channel, so posting it now would only make a duplicate.
-            Disposition::Requeue(RequeueKind::NotNow)
+            Happened::ChannelGone
         } else if self.not_now() {
-            Disposition::Requeue(RequeueKind::NotNow)
+            Happened::NotStarted
         } else if message_id.is_some_and(|id| self.dedup.seen(id, body)) {
             // Checked here, not on arrival: a redelivery queued behind its own
             // original in this lane sees the original's result.
             metrics::duplicate_suppressed();
             tracing::info!(rule = %job.mapped.rule, "this message (same message_id, same body) was already delivered by this pod; acking the redelivery without posting it again");
-            Disposition::Ack { delivered: false }
+            Happened::Duplicate
         } else {
             self.deliver(&job.mapped).await
         };
-        if let (Disposition::Ack { delivered: true }, Some(id)) = (&disposition, message_id) {
+        if let (Happened::Delivered, Some(id)) = (&happened, message_id) {
             self.dedup.remember(id, body);
         }
-        disposition
+        happened
     }
 
-    /// Sends one event, retrying transient failures until `max_retry_time`.
-    async fn deliver(&self, mapped: &Mapped) -> Disposition {
-        let d = &self.settings.delivery;
-        let started = Instant::now();
-        let accepted_before = self.accepted.load(Ordering::Relaxed);
-        let mut attempt = 0u32;
+    /// Sends one event through the flow, retrying as the flow says.
+    async fn deliver(&self, mapped: &Mapped) -> Happened {
+        let mut budget = self.flow.budget();
         let mut created_profile = false;
         loop {
-            let paused = self.pace.paused_for();
-            if started.elapsed() + paused > d.max_retry_time {
-                // Waiting out Crisp's pause would overrun this message's budget (and
-                // could near the broker's consumer timeout): hand it back and hold.
-                self.hold.hold_until(Instant::now() + paused);
-                return Disposition::Requeue(RequeueKind::NotNow);
-            }
-            let result = {
-                let Some(_slot) = self.acquire().await else {
-                    return Disposition::Requeue(RequeueKind::NotNow);
-                };
-                self.pace.wait_turn().await;
-                if self.not_now() {
-                    return Disposition::Requeue(RequeueKind::NotNow);
-                }
-                metrics::in_flight(1.0);
-                let result = tokio::select! {
-                    r = self.client.add_event(&mapped.people_id, &mapped.event) => Some(r),
-                    _ = self.abandon.cancelled() => None,
-                };
-                metrics::in_flight(-1.0);
-                match result {
-                    Some(r) => r,
-                    None => return Disposition::Requeue(RequeueKind::NotNow),
-                }
+            let Ok(permit) = self.flow.permit(&budget, &self.stopping).await else {
+                return Happened::NotStarted;
             };
+            metrics::in_flight(1.0);
+            let result = tokio::select! {
+                r = self.client.add_event(&mapped.people_id, &mapped.event) => Some(r),
+                _ = self.abandon.cancelled() => None,
+            };
+            metrics::in_flight(-1.0);
             let error = match result {
-                Ok(()) => {
-                    self.limit.on_success();
-                    self.accepted.fetch_add(1, Ordering::Relaxed);
-                    return Disposition::Ack { delivered: true };
+                None => return Happened::NotStarted,
+                Some(Ok(())) => {
+                    self.flow.succeeded(permit);
+                    return Happened::Delivered;
                 }
-                Err(e) => e,
+                Some(Err(e)) => e,
             };
             let who = mask_people_id(&mapped.people_id);
+            let rule = mapped.rule.to_string();
             match error.failure {
                 Failure::Rejected => {
-                    return Disposition::DeadLetter(DeadLetter::new(
-                        Reason::CrispRejected,
-                        error.message,
-                        Some(&mapped.rule),
-                    ))
+                    return Happened::CrispRejected {
+                        detail: error.message,
+                        rule,
+                    }
                 }
                 Failure::PeopleNotFound
                     if self.settings.create_missing_profiles
                         && !created_profile
                         && mapped.people_id.contains('@') =>
                 {
+                    drop(permit);
                     created_profile = true;
                     match self.client.create_profile(&mapped.people_id).await {
                         Ok(()) => {
@@ -291,11 +246,12 @@ impl Pipeline {
                         Err(e) if e.failure == Failure::Refused => return self.refused(&e.message),
                         Err(e) => {
                             tracing::warn!(rule = %mapped.rule, people_id = %who, error = %e, "could not create the missing Crisp profile");
-                            return Disposition::DeadLetter(DeadLetter::new(
-                                Reason::PeopleNotFound,
-                                format!("no Crisp profile for {who}, and creating it failed: {e}"),
-                                Some(&mapped.rule),
-                            ));
+                            return Happened::PeopleNotFound {
+                                detail: format!(
+                                    "no Crisp profile for {who}, and creating it failed: {e}"
+                                ),
+                                rule,
+                            };
                         }
                     }
                 }
@@ -305,95 +261,79 @@ impl Pipeline {
                     } else {
                         "set crisp.create_missing_profiles = true to create it"
                     };
-                    return Disposition::DeadLetter(DeadLetter::new(
-                        Reason::PeopleNotFound,
-                        format!("Crisp has no profile for {who}; {hint}"),
-                        Some(&mapped.rule),
-                    ));
+                    return Happened::PeopleNotFound {
+                        detail: format!("Crisp has no profile for {who}; {hint}"),
+                        rule,
+                    };
                 }
                 Failure::Refused => return self.refused(&error.message),
                 Failure::Transient | Failure::RateLimited => {
-                    self.limit.on_overload();
-                    let wait =
-                        backoff(attempt, d.initial_backoff, d.max_backoff, error.retry_after);
-                    let rate_limited = error.failure == Failure::RateLimited;
-                    if rate_limited {
-                        self.pace.pause_for(wait);
-                    }
-                    if started.elapsed() + wait > d.max_retry_time {
-                        if rate_limited {
-                            // Crisp keeps saying "not now" (a spent quota): pause consuming
-                            // so the messages wait in the broker instead of cycling.
-                            let hold = wait.max(d.max_backoff);
-                            if self.hold.hold_until(Instant::now() + hold) {
-                                tracing::warn!(rule = %mapped.rule, hold_s = hold.as_secs(), error = %error, "Crisp keeps rate limiting us; pausing consumption");
-                            }
-                            return Disposition::Requeue(RequeueKind::NotNow);
+                    let attempts = budget.attempts() + 1;
+                    match self.flow.failed(permit, &mut budget, &error) {
+                        Retry::Held => return Happened::Held,
+                        Retry::Exhausted => {
+                            tracing::warn!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "giving up for now after max_retry_time; requeueing");
+                            return Happened::RetriesExhausted;
                         }
-                        if self.accepted.load(Ordering::Relaxed) == accepted_before {
-                            // Nothing got through for anyone all this time: Crisp is down.
-                            // Stop taking deliveries and probe, so no message burns its
-                            // delivery limit cycling through the queue.
-                            if self.gate.outage() {
-                                tracing::warn!(rule = %mapped.rule, error = %error, "Crisp keeps failing; pausing consumption until a probe gets through (messages wait in the broker, nothing is dead-lettered)");
+                        Retry::After(wait) => {
+                            tracing::debug!(rule = %mapped.rule, people_id = %who, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
+                            metrics::retry();
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = self.stopping.cancelled() => return Happened::NotStarted,
+                                // Paused for a refusal, an outage or a hold: hand it back
+                                // now, not after the backoff.
+                                _ = self.flow.closed() => return Happened::NotStarted,
                             }
-                            return Disposition::Requeue(RequeueKind::NotNow);
                         }
-                        tracing::warn!(rule = %mapped.rule, people_id = %who, attempts = attempt + 1, error = %error, "giving up for now after max_retry_time; requeueing");
-                        // Counts toward the queue's delivery limit: a message that never
-                        // gets through ends in the dead-letter queue.
-                        return Disposition::Requeue(RequeueKind::RetriesExhausted);
-                    }
-                    tracing::debug!(rule = %mapped.rule, people_id = %who, attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
-                    metrics::retry();
-                    attempt += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.stopping.cancelled() => return Disposition::Requeue(RequeueKind::NotNow),
-                        // Paused for a refusal or an outage: hand it back now, not after
-                        // the backoff, so the pause does not wait on sleeping retries.
-                        _ = self.gate.closed() => return Disposition::Requeue(RequeueKind::NotNow),
                     }
                 }
             }
         }
     }
 
-    async fn acquire(&self) -> Option<limit::Slot<'_>> {
-        tokio::select! {
-            slot = self.limit.acquire() => Some(slot),
-            _ = self.stopping.cancelled() => None,
-        }
-    }
-
-    /// Nothing may be sent now: shutting down, refused, or holding for a rate limit.
+    /// Nothing may be sent now: shutting down, refused, in an outage, or holding.
     fn not_now(&self) -> bool {
-        self.stopping.is_cancelled() || !self.gate.is_open() || self.hold.is_holding()
+        self.stopping.is_cancelled() || !self.flow.state().is_sending()
     }
 
-    fn refused(&self, message: &str) -> Disposition {
-        if self.gate.refuse() {
+    fn refused(&self, message: &str) -> Happened {
+        if self.flow.refuse() {
             tracing::error!(error = message, "Crisp refuses our requests; pausing consumption until it accepts again (nothing is dead-lettered)");
         }
-        Disposition::Requeue(RequeueKind::NotNow)
+        Happened::Refused
     }
 
-    async fn finish(
-        &self,
-        channel: &Channel,
-        delivery: &Delivery,
-        rule: &str,
-        disposition: Disposition,
-    ) {
-        let settled = settle(
+    /// Requeues a delivery that was prefetched but never started (the consumer stopped).
+    pub async fn hand_back(&self, channel: &Channel, delivery: &Delivery) {
+        self.finish(channel, delivery, NO_RULE, Happened::NotStarted)
+            .await;
+    }
+
+    /// The one path every delivery is settled through: its fate, then the broker.
+    async fn finish(&self, channel: &Channel, delivery: &Delivery, rule: &str, happened: Happened) {
+        let settings = FateSettings {
+            unmatched: self.settings.delivery.unmatched,
+        };
+        let mut disposition = fate(happened, settings);
+        let mut settled = settle(
             channel,
             &self.settings.dead_letter_exchange,
             delivery,
             &disposition,
         )
         .await;
+        if settled == Settled::DeadLetterFailed {
+            disposition = fate(Happened::DeadLetterUnconfirmed, settings);
+            settled = settle(
+                channel,
+                &self.settings.dead_letter_exchange,
+                delivery,
+                &disposition,
+            )
+            .await;
+        }
         let outcome = match (&disposition, settled) {
-            (_, Settled::DeadLetterFailed) => Outcome::Requeued,
             (Disposition::Ack { delivered: true }, _) => Outcome::Delivered,
             (Disposition::Ack { delivered: false }, _) => Outcome::Skipped,
             (Disposition::DeadLetter(dl), _) => {
@@ -412,30 +352,9 @@ impl Pipeline {
     /// Probes Crisp with backoff (capped at 30 s) until it answers and accepts our
     /// credentials again (after a refusal, a redirect or an outage).
     pub async fn wait_until_crisp_accepts(&self, stop: &CancellationToken) {
-        let mut delay = Duration::from_millis(500);
-        while !self.gate.is_open() {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => return,
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-            match self.client.probe().await {
-                Ok(()) => {
-                    tracing::info!("Crisp accepts our requests again; resuming consumption");
-                    self.gate.accept();
-                }
-                Err(e) if e.failure == Failure::Refused => {
-                    if self.gate.refuse() {
-                        tracing::error!(error = %e, "Crisp refuses our requests; pausing consumption until it accepts again (nothing is dead-lettered)");
-                    } else {
-                        tracing::warn!(error = %e, next_probe_s = delay.as_secs(), "Crisp still refuses us");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, next_probe_s = delay.as_secs(), "Crisp is still failing");
-                }
-            }
-        }
+        self.flow
+            .probe_until_open(|| self.client.probe(), stop)
+            .await;
     }
 
     /// Waits until nothing is running (used before closing a channel we stop consuming on).
@@ -473,17 +392,11 @@ mod tests {
         // Stands for any bug, like the `Instant + Duration::MAX` a huge Retry-After caused.
         let panicking = async {
             let far = std::hint::black_box(Duration::MAX);
-            let _ = Instant::now() + far;
-            Disposition::Ack { delivered: true }
+            let _ = std::time::Instant::now() + far;
+            Happened::Delivered
         };
-        assert_eq!(
-            contain_panic(panicking, "r").await,
-            Disposition::Requeue(RequeueKind::RetriesExhausted)
-        );
-        let fine = async { Disposition::Ack { delivered: true } };
-        assert_eq!(
-            contain_panic(fine, "r").await,
-            Disposition::Ack { delivered: true }
-        );
+        assert_eq!(contain_panic(panicking, "r").await, Happened::Panicked);
+        let fine = async { Happened::Delivered };
+        assert_eq!(contain_panic(fine, "r").await, Happened::Delivered);
     }
 }

@@ -84,6 +84,10 @@ struct Settings {
     clear_faults: Option<bool>,
     /// Crisp is down: every Crisp route answers this status (e.g. 503) until set to 0.
     down_status: Option<u16>,
+    /// Event POSTs allowed in any 1 s window, shared by every client; 429 beyond (0: off).
+    rate_limit: Option<u32>,
+    /// Send `Retry-After: 1` with rate-limit answers (default off).
+    rate_limit_retry_after: Option<bool>,
 }
 
 async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) -> impl IntoResponse {
@@ -111,6 +115,10 @@ async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) ->
     }
     if let Some(v) = s.down_status {
         inner.down_status = (v != 0).then_some(v);
+    }
+    if let Some(v) = s.rate_limit {
+        let retry_after = s.rate_limit_retry_after.unwrap_or(false);
+        inner.rate_limit = (v > 0).then(|| super::RateLimit::new(v, retry_after));
     }
     if s.clear_faults == Some(true) {
         inner.faults.clear();

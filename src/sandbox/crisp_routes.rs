@@ -248,9 +248,17 @@ async fn add_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (fault, latency) = {
+    let (fault, latency, limited) = {
         let mut inner = state.lock();
-        (next_fault(&mut inner), inner.latency)
+        let fault = next_fault(&mut inner);
+        // Judged on arrival, like a real limiter in front of the API.
+        let limited = match inner.rate_limit.as_mut() {
+            Some(limit) if fault.as_ref().and_then(|f| f.status).is_none() => {
+                (!limit.admit(std::time::Instant::now())).then_some(limit.retry_after)
+            }
+            _ => None,
+        };
+        (fault, inner.latency, limited)
     };
     let delay =
         latency + std::time::Duration::from_millis(fault.as_ref().map_or(0, |f| f.delay_ms));
@@ -261,6 +269,13 @@ async fn add_event(
         if let Some(status) = fault.status {
             return fault_response(fault, status);
         }
+    }
+    if let Some(retry_after) = limited {
+        let fault = Fault {
+            retry_after: retry_after.then(|| "1".into()),
+            ..Fault::default()
+        };
+        return fault_response(&fault, 429);
     }
     accept_event(&state, website_id, people_id, &uri, &headers, &body)
 }

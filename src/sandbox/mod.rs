@@ -121,6 +121,44 @@ pub(crate) struct Inner {
     pub(crate) attempts: Vec<Attempt>,
     pub(crate) profiles: Vec<Profile>,
     pub(crate) faults: VecDeque<Fault>,
+    /// A shared rate limit on event POSTs, like Crisp's per-token limit.
+    pub(crate) rate_limit: Option<RateLimit>,
+}
+
+/// At most `per_second` event POSTs in any sliding 1 s window; the rest get 429.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    per_second: u32,
+    /// Send `Retry-After: 1` with the 429.
+    pub(crate) retry_after: bool,
+    /// When each request let through in the last second arrived.
+    window: VecDeque<std::time::Instant>,
+}
+
+impl RateLimit {
+    pub(crate) fn new(per_second: u32, retry_after: bool) -> Self {
+        Self {
+            per_second,
+            retry_after,
+            window: VecDeque::new(),
+        }
+    }
+
+    /// True when one more request fits in the window (and counts it).
+    pub(crate) fn admit(&mut self, now: std::time::Instant) -> bool {
+        while self
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            self.window.pop_front();
+        }
+        let fits = self.window.len() < self.per_second as usize;
+        if fits {
+            self.window.push_back(now);
+        }
+        fits
+    }
 }
 
 /// Shared sandbox state; cloning shares it.
@@ -139,6 +177,7 @@ impl SandboxState {
             attempts: Vec::new(),
             profiles: Vec::new(),
             faults: VecDeque::new(),
+            rate_limit: None,
         })))
     }
 
@@ -172,6 +211,14 @@ impl SandboxState {
 
     pub fn set_auto_create_profiles(&self, on: bool) {
         self.lock().options.auto_create_profiles = on;
+    }
+
+    /// Limits event POSTs to `per_second` in any 1 s window (429 beyond, with
+    /// `Retry-After: 1` when `retry_after`); `None` lifts the limit.
+    pub fn set_rate_limit(&self, per_second: Option<u32>, retry_after: bool) {
+        self.lock().rate_limit = per_second
+            .filter(|r| *r > 0)
+            .map(|r| RateLimit::new(r, retry_after));
     }
 
     pub fn set_latency(&self, latency: Duration) {

@@ -29,6 +29,7 @@ pub const MESSAGE_AGE: &str = "crisp_bridge_message_age_seconds";
 
 /// The git revision this binary was built from (`build.rs`).
 pub const REVISION: &str = env!("BRIDGE_GIT_REVISION");
+pub const REQUEST_RATE_LIMIT: &str = "crisp_bridge_request_rate_limit";
 
 /// Rule label for messages no rule applied to.
 pub const NO_RULE: &str = "none";
@@ -154,6 +155,10 @@ fn describe() {
     describe_counter!(
         LANE_PANICS,
         "Messages whose processing panicked (a bug); each was handed back to the broker."
+    );
+    describe_gauge!(
+        REQUEST_RATE_LIMIT,
+        "Requests per second this pod allows itself, learned from Crisp's 429/420 answers (0: none learned)."
     );
     describe_gauge!(
         CRISP_REFUSED,
@@ -319,6 +324,10 @@ fn requests_today() {
 
 pub fn concurrency_limit(limit: f64) {
     gauge!(CONCURRENCY_LIMIT).set(limit);
+}
+
+pub fn request_rate_limit(per_second: f64) {
+    gauge!(REQUEST_RATE_LIMIT).set(per_second);
 }
 
 pub fn holding(on: bool) {

@@ -1,0 +1,160 @@
+//! Flow-control benchmark: N bridge processes (release build, children) on one queue
+//! against the in-process Crisp sandbox limited to R event POSTs in any 1 s window
+//! (429 beyond, shared by every pod). After a warm-up it measures for S seconds, then
+//! lifts the limit and measures how long the pods take to send above 10 R per second,
+//! drains the queue and tallies losses, duplicates and dead letters.
+//!
+//!     cargo run --release --example flow_bench -- [--pods 3] [--limit 50] [--latency-ms 100]
+//!         [--warmup 5] [--seconds 20] [--retry-after 0|1]
+//!
+//! `--limit 0` runs without a limit (throughput only). `FLOW_BENCH_BIN` picks the
+//! binary (e.g. an older build, for a same-run baseline; a `CRISP_BRIDGE_` name would be
+//! read as a config override by the bridge).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn is_event_post(a: &crisp_bridge::sandbox::Attempt) -> bool {
+    a.method == "POST" && a.path.contains("/people/events/")
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pods = arg(&args, "--pods", 3) as usize;
+    let limit = arg(&args, "--limit", 50);
+    let latency_ms = arg(&args, "--latency-ms", 100);
+    let warmup = arg(&args, "--warmup", 5);
+    let seconds = arg(&args, "--seconds", 20);
+    let retry_after = arg(&args, "--retry-after", 0) == 1;
+    let bin = std::env::var("FLOW_BENCH_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|_| default_bin());
+
+    let url = amqp_url();
+    let names = Names::new("flowbench");
+    let sandbox = sandbox().await;
+    sandbox.state.set_latency(Duration::from_millis(latency_ms));
+    sandbox
+        .state
+        .set_rate_limit((limit > 0).then_some(limit as u32), retry_after);
+    let publisher = Publisher::connect(&url).await;
+    // Enough for the measured stretch at the limit, and for the ramp once it is lifted.
+    let n = if limit > 0 {
+        limit * (warmup + seconds) * 13 / 10 + limit * 60
+    } else {
+        20_000
+    };
+    let people = 1_000;
+    let mut bridges = Vec::new();
+    let mut config = None;
+    for _ in 0..pods {
+        let port = free_port();
+        let path = write_config(
+            &names,
+            &url,
+            &sandbox.api_url(),
+            port,
+            "concurrency = 32\ndedup_window = \"10m\"\nmax_retry_time = \"5m\"",
+        );
+        if config.is_none() {
+            publisher.declare(&path).await;
+            for seq in 0..n {
+                publisher
+                    .publish(&names.exchange, "load.event", seq, people)
+                    .await;
+            }
+        }
+        config = Some(path.clone());
+        bridges.push(Bridge::spawn(&bin, &path, port).await);
+    }
+    let started = Instant::now();
+
+    let (achieved, refused_pct, ramp) = if limit > 0 {
+        tokio::time::sleep(Duration::from_secs(warmup)).await;
+        let (e0, a0) = (sandbox.state.events().len(), sandbox.state.attempts().len());
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let attempts = sandbox.state.attempts();
+        let events = sandbox.state.events().len() - e0;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let window: Vec<_> = attempts[a0..].iter().filter(|a| is_event_post(a)).collect();
+        let refused = window.iter().filter(|a| a.status == 429).count();
+        let achieved = events as f64 / elapsed / limit as f64;
+        let refused_pct = 100.0 * refused as f64 / window.len().max(1) as f64;
+
+        // Lift the limit: how long until the pods send above 10x the old limit?
+        sandbox.state.set_rate_limit(None, false);
+        let lifted = Instant::now();
+        let target = (10 * limit) as usize;
+        let mut ramp = None;
+        let mut last = (lifted, sandbox.state.events().len());
+        while lifted.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = (Instant::now(), sandbox.state.events().len());
+            let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+            if rate >= target as f64 {
+                ramp = Some(lifted.elapsed().as_secs_f64());
+                break;
+            }
+            if sandbox.state.events().len() as u64 >= n {
+                break;
+            }
+            last = now;
+        }
+        (Some(achieved), Some(refused_pct), ramp)
+    } else {
+        (None, None, None)
+    };
+
+    // Drain, then tally.
+    let drain_deadline = Instant::now() + Duration::from_secs(300);
+    while (delivered_seqs(&sandbox).len() as u64) < n && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total_s = started.elapsed().as_secs_f64();
+    for b in bridges {
+        b.stop().await;
+    }
+    let seqs = delivered_seqs(&sandbox);
+    let mut counts: HashMap<u64, u32> = HashMap::new();
+    for s in &seqs {
+        *counts.entry(*s).or_default() += 1;
+    }
+    let duplicates: u32 = counts.values().map(|c| c - 1).sum();
+    let lost = n - counts.len() as u64;
+    let dead = publisher.ready(&names.dlq).await;
+    let all = sandbox.state.attempts();
+    let posts = all.iter().filter(|a| is_event_post(a)).count();
+    let total_refused = all
+        .iter()
+        .filter(|a| is_event_post(a) && a.status == 429)
+        .count();
+
+    let fmt = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.3}{unit}"));
+    println!(
+        "flow_bench: pods={pods} limit={limit}/s latency={latency_ms}ms retry_after={retry_after} \
+         messages={n}: achieved/limit={} 429={} ramp_to_10x={} | whole run: {:.0} msg/s, \
+         {posts} posts, {total_refused} x 429, lost={lost} duplicated={duplicates} dead_lettered={dead}",
+        fmt(achieved, ""),
+        fmt(refused_pct, "%"),
+        fmt(ramp, "s"),
+        n as f64 / total_s,
+    );
+    publisher.delete(&names).await;
+    if let Some(config) = config {
+        let _ = std::fs::remove_file(config);
+    }
+}
