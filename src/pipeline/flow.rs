@@ -401,13 +401,18 @@ impl Flow {
                 .paused_until
                 .saturating_duration_since(Instant::now())
         };
-        if budget.started.elapsed() + paused > self.settings.max_retry_time {
+        // Only a real pause turns into a hold: a zero-length one would still pause the
+        // consumer (and hand back every prefetched message) for nothing. Without a pause
+        // the attempt goes ahead, and `failed` says when the budget is spent.
+        if !paused.is_zero() && budget.started.elapsed() + paused > self.settings.max_retry_time {
             self.hold_until(Instant::now() + paused);
             return Err(NotNow);
         }
         let slot = tokio::select! {
             slot = self.limit.acquire() => slot,
             _ = stopping.cancelled() => return Err(NotNow),
+            // Refused or an outage began while this waited: hand it back now.
+            _ = self.closed() => return Err(NotNow),
         };
         let mut waited = false;
         let sent_at = loop {
@@ -419,6 +424,7 @@ impl Flow {
                     tokio::select! {
                         _ = tokio::time::sleep_until(turn) => {}
                         _ = stopping.cancelled() => return Err(NotNow),
+                        _ = self.closed() => return Err(NotNow),
                     }
                 }
             }
