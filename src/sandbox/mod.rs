@@ -153,6 +153,19 @@ impl SandboxState {
         self.lock().events.clone()
     }
 
+    /// How many events were received, without copying them (benchmarks poll this).
+    pub fn event_count(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    /// Forgets the events and attempts received so far (a benchmark's runs would
+    /// otherwise keep hundreds of thousands of them).
+    pub fn clear_received(&self) {
+        let mut inner = self.lock();
+        inner.events = Vec::new();
+        inner.attempts = Vec::new();
+    }
+
     pub fn attempts(&self) -> Vec<Attempt> {
         self.lock().attempts.clone()
     }
