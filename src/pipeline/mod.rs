@@ -153,13 +153,13 @@ impl Pipeline {
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
-        let key = mapped.people_id.clone();
+        let key = self.lanes.key(&mapped.people_id);
         let job = Job {
             channel,
             delivery,
             mapped,
         };
-        if let Some(first) = self.lanes.push(&key, job) {
+        if let Some(first) = self.lanes.push(key, job) {
             let this = Arc::clone(self);
             self.tasks
                 .spawn(async move { this.run_lane(key, first).await });
@@ -178,7 +178,7 @@ impl Pipeline {
             .spawn(async move { this.finish(&channel, &delivery, &rule, disposition).await });
     }
 
-    async fn run_lane(self: Arc<Self>, key: String, first: Job) {
+    async fn run_lane(self: Arc<Self>, key: u64, first: Job) {
         let mut job = first;
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
@@ -186,7 +186,7 @@ impl Pipeline {
             let disposition = contain_panic(self.run_job(&job), &job.mapped.rule).await;
             self.finish(&job.channel, &job.delivery, &job.mapped.rule, disposition)
                 .await;
-            match self.lanes.next(&key) {
+            match self.lanes.next(key) {
                 Some(next) => job = next,
                 None => return,
             }
