@@ -90,6 +90,18 @@ impl App {
             let handle = metrics::install();
             let rules: Vec<&str> = self.pipeline.router().rule_names().collect();
             metrics::register(&rules);
+            // Histogram samples pile up in the recorder until drained: without this, memory
+            // grows with every message between scrapes (or forever, when nobody scrapes).
+            let upkeep = handle.clone();
+            let stop = admin_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
             let router = admin::router(Arc::clone(&self.health), handle);
             let stop = admin_stop.clone();
             let listener = self.admin;
