@@ -34,6 +34,9 @@ struct Figures {
     msg_s: f64,
     cpu_us: f64,
     hwm_mib: f64,
+    /// RssAnon and RssFile (MiB) at the end: heap and stacks, and the mapped binary.
+    anon_mib: f64,
+    file_mib: f64,
     /// VmRSS sampled every second (MiB), to see whether memory stays flat.
     rss_mib: Vec<f64>,
 }
@@ -131,6 +134,8 @@ async fn run_one(kind: Kind, s: &Settings, sandbox: &crisp_bridge::sandbox::Sand
     // Read before the child exits: /proc/<pid> goes with it.
     let ticks = cpu_ticks(pid).expect("cpu ticks");
     let hwm_kib = status_kib(pid, "VmHWM:").expect("VmHWM");
+    let anon_kib = status_kib(pid, "RssAnon:").unwrap_or(0.0);
+    let file_kib = status_kib(pid, "RssFile:").unwrap_or(0.0);
     let _ = std::process::Command::new("kill")
         .args(["-s", "TERM", &pid.to_string()])
         .status();
@@ -142,6 +147,8 @@ async fn run_one(kind: Kind, s: &Settings, sandbox: &crisp_bridge::sandbox::Sand
         msg_s: s.messages as f64 / elapsed,
         cpu_us: ticks / s.clock_ticks * 1e6 / s.messages as f64,
         hwm_mib: hwm_kib / 1024.0,
+        anon_mib: anon_kib / 1024.0,
+        file_mib: file_kib / 1024.0,
         rss_mib,
     }
 }
@@ -210,12 +217,14 @@ async fn main() {
         for kind in order {
             let f = run_one(kind, &s, &sandbox).await;
             eprintln!(
-                "run {} {}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, RSS each second {}",
+                "run {} {}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB (at the end: {:.1} anon + {:.1} file), RSS each second {}",
                 run + 1,
                 kind.name(),
                 f.msg_s,
                 f.cpu_us,
                 f.hwm_mib,
+                f.anon_mib,
+                f.file_mib,
                 rss_line(&f)
             );
             match kind {
