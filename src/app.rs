@@ -263,6 +263,7 @@ impl Session {
         mut consumer: Consumer,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
+        let shared = Arc::new(channel.clone());
         let end = loop {
             tokio::select! {
                 biased;
@@ -270,7 +271,7 @@ impl Session {
                 _ = self.pipeline.gate.closed() => break SessionEnd::Paused,
                 _ = self.pipeline.hold.started() => break SessionEnd::Paused,
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => self.pipeline.handle(channel.clone(), delivery),
+                    Some(Ok(delivery)) => self.pipeline.handle(Arc::clone(&shared), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
                     None => return SessionEnd::BrokerLost("the broker cancelled our consumer".into()),
                 },
