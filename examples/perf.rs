@@ -188,7 +188,8 @@ async fn main() {
         runs: arg(&args, "--runs", 3) as usize,
         latency_ms: arg(&args, "--latency-ms", 0),
         people: arg(&args, "--people", 1_000),
-        bridge: std::env::var("CRISP_BRIDGE_BIN")
+        // Not CRISP_BRIDGE_*: the bridge would read that as a config key and refuse it.
+        bridge: std::env::var("PERF_BRIDGE_BIN")
             .map(Into::into)
             .unwrap_or_else(|_| default_bin()),
         floor: PathBuf::from(format!("target/{profile}/examples/floor")),
