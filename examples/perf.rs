@@ -5,7 +5,7 @@
 //! child from /proc), peak RSS (VmHWM, read before the child exits), the ratios to the
 //! floor, and the medians.
 //!
-//!     scripts/perf.sh [--messages N] [--runs R] [--latency-ms L] [--people P]
+//!     scripts/perf.sh [--messages N] [--runs R] [--latency-ms L] [--people P] [--bridge-only]
 
 #[path = "support/mod.rs"]
 mod support;
@@ -206,6 +206,19 @@ async fn main() {
     );
     println!("| run | order | floor msg/s | bridge msg/s | ratio | floor CPU µs/msg | bridge CPU µs/msg | ratio | floor peak RSS | bridge peak RSS |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    if args.iter().any(|a| a == "--bridge-only") {
+        // Scale runs (a million messages): the bridge alone, its RSS each second.
+        let f = run_one(Kind::Bridge, &s, &sandbox).await;
+        println!(
+            "bridge alone: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB; RSS each second {}",
+            f.msg_s,
+            f.cpu_us,
+            f.hwm_mib,
+            rss_line(&f)
+        );
+        sandbox.stop();
+        return;
+    }
     let mut all = Vec::new();
     for run in 0..s.runs {
         let order = if run % 2 == 0 {
