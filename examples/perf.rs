@@ -52,9 +52,10 @@ struct Settings {
     clock_ticks: f64,
 }
 
+/// The value after the last `name` (so arguments after scripts/perf.sh's defaults win).
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
-        .position(|a| a == name)
+        .rposition(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
