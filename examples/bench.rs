@@ -46,14 +46,14 @@ async fn main() {
     let started = Instant::now();
     let bridge = Bridge::spawn(&bin, &config, port).await;
     loop {
-        if sandbox.state.events().len() as u64 >= n {
+        if sandbox.state.event_count() as u64 >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     bridge.stop().await;
-    let events = sandbox.state.events().len();
+    let events = sandbox.state.event_count();
     println!(
         "bench: {n} messages, {people} people, Crisp latency {latency_ms} ms, concurrency {concurrency}: {:.0} msg/s ({elapsed:.2} s incl. start-up; {events} events; preload {:.0} msg/s)",
         n as f64 / elapsed,

@@ -87,6 +87,18 @@ impl App {
             let handle = metrics::install();
             let rules: Vec<&str> = self.pipeline.router().rule_names().collect();
             metrics::register(&rules);
+            // Histogram samples pile up in the recorder until drained: without this, memory
+            // grows with every message between scrapes (or forever, when nobody scrapes).
+            let upkeep = handle.clone();
+            let stop = admin_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
             let router = admin::router(Arc::clone(&self.health), handle);
             let stop = admin_stop.clone();
             let listener = self.admin;
@@ -249,13 +261,14 @@ impl Session {
         mut consumer: Consumer,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
+        let shared = Arc::new(channel.clone());
         let end = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
                 _ = self.pipeline.flow.closed() => break SessionEnd::Paused,
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => self.pipeline.handle(channel.clone(), delivery),
+                    Some(Ok(delivery)) => self.pipeline.handle(Arc::clone(&shared), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
                     None => return SessionEnd::BrokerLost("the broker cancelled our consumer".into()),
                 },

@@ -51,6 +51,17 @@ pub fn write_config(
     admin_port: u16,
     delivery: &str,
 ) -> PathBuf {
+    write_config_with_prefetch(names, amqp_url, api_url, admin_port, delivery, 256)
+}
+
+pub fn write_config_with_prefetch(
+    names: &Names,
+    amqp_url: &str,
+    api_url: &str,
+    admin_port: u16,
+    delivery: &str,
+    prefetch: u16,
+) -> PathBuf {
     let toml = format!(
         r##"
 [amqp]
@@ -58,7 +69,7 @@ url = "{amqp_url}"
 exchange = "{ex}"
 queue = "{q}"
 queue_type = "quorum"
-prefetch = 256
+prefetch = {prefetch}
 dead_letter_exchange = "{dlx}"
 dead_letter_queue = "{dlq}"
 delivery_limit = 1000
@@ -209,6 +220,49 @@ impl Publisher {
             .await
             .expect("confirm");
         assert!(confirm.is_ack());
+    }
+
+    /// Publishes `seqs` as [`Self::publish`] does, with up to 1,000 confirms awaited at
+    /// once: loading a 100,000-message backlog one confirm at a time takes minutes.
+    pub async fn publish_many(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        seqs: std::ops::Range<u64>,
+        people: u64,
+    ) {
+        let mut pending = Vec::with_capacity(1_000);
+        for seq in seqs {
+            let body = serde_json::json!({
+                "email": format!("person{}@example.com", seq % people),
+                "seq": seq,
+                "plan": "pro",
+            })
+            .to_string();
+            let props = BasicProperties::default()
+                .with_message_id(seq.to_string().into())
+                .with_delivery_mode(2);
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    props,
+                )
+                .await
+                .expect("publish");
+            pending.push(confirm);
+            if pending.len() == 1_000 {
+                for confirm in pending.drain(..) {
+                    assert!(confirm.await.expect("confirm").is_ack());
+                }
+            }
+        }
+        for confirm in pending {
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
     }
 
     pub async fn ready(&self, queue: &str) -> u32 {

@@ -109,6 +109,10 @@ impl Credentials {
 pub struct CrispClient {
     http: reqwest::Client,
     website_url: String,
+    /// `{website_url}/people/events/`, parsed once: parsing the whole URL (scheme, host,
+    /// IDNA) for every event was a visible part of the CPU per message (issue 10).
+    /// `None` when it does not parse; then each request parses, and fails, as before.
+    events_url: Option<reqwest::Url>,
     credentials: Arc<Credentials>,
 }
 
@@ -130,13 +134,15 @@ impl CrispClient {
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let website = config.website_id.as_deref().unwrap_or_default();
+        let website_url = format!(
+            "{}/website/{}",
+            config.api_url.trim_end_matches('/'),
+            encode_segment(website)
+        );
         Ok(Self {
             http,
-            website_url: format!(
-                "{}/website/{}",
-                config.api_url.trim_end_matches('/'),
-                encode_segment(website)
-            ),
+            events_url: reqwest::Url::parse(&format!("{website_url}/people/events/")).ok(),
+            website_url,
             credentials: Arc::new(Credentials {
                 current: RwLock::new((
                     config.identifier.clone().unwrap_or_else(|| Secret::new("")),
@@ -150,13 +156,20 @@ impl CrispClient {
 
     /// `POST /website/{website_id}/people/events/{people_id}`.
     pub async fn add_event(&self, people_id: &str, event: &CrispEvent) -> Result<(), CrispError> {
-        let url = format!(
-            "{}/people/events/{}",
-            self.website_url,
-            encode_segment(people_id)
-        );
-        self.send(self.http.post(url), Some(json_body(event)?))
-            .await
+        let segment = encode_segment(people_id);
+        let request = match &self.events_url {
+            // The segment holds only unreserved characters, `@` and escapes, so setting
+            // the path takes it as it is.
+            Some(base) => {
+                let mut url = base.clone();
+                url.set_path(&format!("{}{segment}", base.path()));
+                self.http.post(url)
+            }
+            None => self
+                .http
+                .post(format!("{}/people/events/{segment}", self.website_url)),
+        };
+        self.send(request, Some(json_body(event)?)).await
     }
 
     /// `POST /website/{website_id}/people/profile`; an existing profile counts as success.

@@ -48,7 +48,9 @@ async fn contain_panic(work: impl std::future::Future<Output = Happened>, rule: 
 
 /// A delivery and everything needed to settle it.
 struct Job {
-    channel: Channel,
+    /// Shared by every delivery of a session: cloning a lapin `Channel` per message was
+    /// a visible part of the CPU per message (issue 10).
+    channel: Arc<Channel>,
     delivery: Delivery,
     mapped: Mapped,
     /// The duplicate window's id: CloudEvents `source` + `id`, else the AMQP `message_id`.
@@ -99,7 +101,7 @@ impl Pipeline {
 
     /// Takes one delivery from the consumer. Never blocks on Crisp: deliveries run on
     /// their person's lane.
-    pub fn handle(self: &Arc<Self>, channel: Channel, delivery: Delivery) {
+    pub fn handle(self: &Arc<Self>, channel: Arc<Channel>, delivery: Delivery) {
         let max = self.settings.max_message_bytes;
         let mut id = None;
         let decision = if delivery.data.len() > max {
@@ -135,14 +137,14 @@ impl Pipeline {
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
-        let key = mapped.people_id.clone();
+        let key = self.lanes.key(&mapped.people_id);
         let job = Job {
             channel,
             delivery,
             mapped,
             id,
         };
-        if let Some(first) = self.lanes.push(&key, job) {
+        if let Some(first) = self.lanes.push(key, job) {
             let this = Arc::clone(self);
             self.tasks
                 .spawn(async move { this.run_lane(key, first).await });
@@ -151,7 +153,7 @@ impl Pipeline {
 
     fn settle_in_background(
         self: &Arc<Self>,
-        channel: Channel,
+        channel: Arc<Channel>,
         delivery: Delivery,
         rule: String,
         happened: Happened,
@@ -161,7 +163,7 @@ impl Pipeline {
             .spawn(async move { this.finish(&channel, &delivery, &rule, happened).await });
     }
 
-    async fn run_lane(self: Arc<Self>, key: String, first: Job) {
+    async fn run_lane(self: Arc<Self>, key: u64, first: Job) {
         let mut job = first;
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
@@ -169,7 +171,7 @@ impl Pipeline {
             let happened = contain_panic(self.run_job(&job), &job.mapped.rule).await;
             self.finish(&job.channel, &job.delivery, &job.mapped.rule, happened)
                 .await;
-            match self.lanes.next(&key) {
+            match self.lanes.next(key) {
                 Some(next) => job = next,
                 None => return,
             }

@@ -21,7 +21,7 @@ use pattern::TopicPattern;
 use pointer::{is_secret_looking, Pointer};
 use schema::EventSchema;
 use serde_json::Value;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use template::Template;
@@ -49,6 +49,11 @@ struct Rule {
 pub struct Router {
     rules: Vec<Rule>,
     max_data_keys: usize,
+    /// Rule indices by their pattern's first word when it is a literal, and the rules whose
+    /// pattern starts with `*` or `#`: a routing key is tried only against rules that can
+    /// match its first word, so 1,000 rules cost a hash lookup, not 1,000 matches (issue 10).
+    by_first_word: HashMap<String, Vec<usize>>,
+    wildcard_first: Vec<usize>,
 }
 
 /// A message that a rule turned into a Crisp event.
@@ -282,9 +287,22 @@ impl Router {
             }
         }
         if problems.is_empty() {
+            let mut by_first_word: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut wildcard_first = Vec::new();
+            for (index, rule) in compiled.iter().enumerate() {
+                match rule.pattern.first_literal() {
+                    Some(word) => by_first_word
+                        .entry(word.to_owned())
+                        .or_default()
+                        .push(index),
+                    None => wildcard_first.push(index),
+                }
+            }
             Ok(Self {
                 rules: compiled,
                 max_data_keys: DEFAULT_MAX_DATA_KEYS,
+                by_first_word,
+                wildcard_first,
             })
         } else {
             Err(problems)
@@ -323,15 +341,20 @@ impl Router {
     }
 
     fn route_typed(&self, routing_key: &str, event_type: Option<&str>, doc: &Value) -> Routed {
-        let Some(rule) = self.rules.iter().find(|r| {
-            r.pattern.matches(routing_key)
-                && r.event_type
-                    .as_deref()
-                    .is_none_or(|t| event_type == Some(t))
-                && r.when
-                    .iter()
-                    .all(|(p, v)| doc.pointer(p.as_str()) == Some(v))
-        }) else {
+        let first = routing_key.split('.').next().unwrap_or_default();
+        let literal = self.by_first_word.get(first).map_or(&[][..], Vec::as_slice);
+        let Some(rule) = in_order(literal, &self.wildcard_first)
+            .filter_map(|i| self.rules.get(i))
+            .find(|r| {
+                r.pattern.matches(routing_key)
+                    && r.event_type
+                        .as_deref()
+                        .is_none_or(|t| event_type == Some(t))
+                    && r.when
+                        .iter()
+                        .all(|(p, v)| doc.pointer(p.as_str()) == Some(v))
+            })
+        else {
             return Routed::Unmatched;
         };
         if let Some(schema) = &rule.schema {
@@ -350,6 +373,29 @@ impl Router {
             }
         }
     }
+}
+
+/// The indices of two ascending lists, merged in ascending order (rule order).
+fn in_order<'a>(a: &'a [usize], b: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+    let (mut i, mut j) = (0, 0);
+    std::iter::from_fn(move || {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, None) => return None,
+        };
+        Some(next)
+    })
 }
 
 fn map_with(rule: &Rule, doc: &Value, max_data_keys: usize) -> Result<Mapped, (Reason, String)> {
@@ -481,6 +527,46 @@ mod tests {
             serde_json::to_value(&m.event).unwrap(),
             json!({"text": "order:paid", "color": "blue", "data": {"order_id": "A-1", "total": 42.5}})
         );
+    }
+
+    #[test]
+    fn the_first_word_index_keeps_rule_order() {
+        let r = router(
+            r##"
+            [[rules]]
+            name = "a"
+            routing_key = "order.*"
+            when = { "/k" = 1 }
+            people_id = "/email"
+            text = "a"
+            [[rules]]
+            name = "b"
+            routing_key = "#"
+            when = { "/k" = 2 }
+            people_id = "/email"
+            text = "b"
+            [[rules]]
+            name = "c"
+            routing_key = "order.created"
+            people_id = "/email"
+            text = "c"
+            [[rules]]
+            name = "d"
+            routing_key = "*.created"
+            people_id = "/email"
+            text = "d"
+        "##,
+        );
+        let rule = |key: &str, k: i64| match r.route(key, &json!({"k": k, "email": "a@b.c"})) {
+            Routed::Event(m) => m.rule.to_string(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(rule("order.created", 1), "a");
+        assert_eq!(rule("order.created", 2), "b");
+        assert_eq!(rule("order.created", 3), "c");
+        assert_eq!(rule("trial.created", 3), "d");
+        assert_eq!(rule("trial.created", 2), "b");
+        assert_eq!(rule("order", 3), "Unmatched");
     }
 
     #[test]

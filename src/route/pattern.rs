@@ -76,6 +76,14 @@ impl TopicPattern {
         })
     }
 
+    /// The first word when it is a literal: only routing keys starting with it can match.
+    pub fn first_literal(&self) -> Option<&str> {
+        match self.words.first() {
+            Some(Word::Literal(w)) => Some(w),
+            _ => None,
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.source
     }

@@ -10,7 +10,7 @@ mod raw;
 
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -120,6 +120,9 @@ pub(crate) struct Inner {
     pub(crate) events: Vec<ReceivedEvent>,
     pub(crate) attempts: Vec<Attempt>,
     pub(crate) profiles: Vec<Profile>,
+    /// Lowercased email -> index in `profiles`: a benchmark over 100,000 people made the
+    /// linear search the bottleneck of the sink.
+    pub(crate) by_email: HashMap<String, usize>,
     pub(crate) faults: VecDeque<Fault>,
     /// A shared rate limit on event POSTs, like Crisp's per-token limit.
     pub(crate) rate_limit: Option<RateLimit>,
@@ -176,6 +179,7 @@ impl SandboxState {
             events: Vec::new(),
             attempts: Vec::new(),
             profiles: Vec::new(),
+            by_email: HashMap::new(),
             faults: VecDeque::new(),
             rate_limit: None,
         })))
@@ -190,6 +194,19 @@ impl SandboxState {
 
     pub fn events(&self) -> Vec<ReceivedEvent> {
         self.lock().events.clone()
+    }
+
+    /// How many events were received, without copying them (benchmarks poll this).
+    pub fn event_count(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    /// Forgets the events and attempts received so far (a benchmark's runs would
+    /// otherwise keep hundreds of thousands of them).
+    pub fn clear_received(&self) {
+        let mut inner = self.lock();
+        inner.events = Vec::new();
+        inner.attempts = Vec::new();
     }
 
     pub fn attempts(&self) -> Vec<Attempt> {
@@ -236,14 +253,15 @@ impl SandboxState {
 
 impl Inner {
     fn profile_for(&self, email: &str) -> Option<String> {
-        self.profiles
-            .iter()
-            .find(|p| p.email.eq_ignore_ascii_case(email))
-            .map(|p| p.people_id.clone())
+        let index = *self.by_email.get(&email.to_ascii_lowercase())?;
+        self.profiles.get(index).map(|p| p.people_id.clone())
     }
 
     fn create_profile(&mut self, email: &str) -> String {
         let people_id = uuid::Uuid::new_v4().to_string();
+        self.by_email
+            .entry(email.to_ascii_lowercase())
+            .or_insert(self.profiles.len());
         self.profiles.push(Profile {
             people_id: people_id.clone(),
             email: email.to_owned(),

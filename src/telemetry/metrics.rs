@@ -1,9 +1,10 @@
 //! Every metric name and label in one place; each notable event records its metric here.
 //! Labels stay bounded: rule names, outcome, reason code, HTTP status — never ids.
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 pub const MESSAGES: &str = "crisp_bridge_messages_total";
@@ -240,11 +241,62 @@ pub fn message_age(timestamp: Option<u64>) {
         return;
     };
     // A publisher's clock ahead of ours gives 0, not a negative age.
-    histogram!(MESSAGE_AGE).record(now.as_secs_f64() - (sent as f64).min(now.as_secs_f64()));
+    static KEPT: OnceLock<Histogram> = OnceLock::new();
+    cached(&KEPT, || histogram!(MESSAGE_AGE))
+        .record(now.as_secs_f64() - (sent as f64).min(now.as_secs_f64()));
+}
+
+/// Per-message metrics use handles kept here once the recorder is installed: going through
+/// the recorder each time allocates the label strings and hashes the whole key, a sizeable
+/// part of the bridge's own CPU per message (issue 10). Before `install` (unit tests, an
+/// embedding program) handles are not kept, so a later recorder still sees every update.
+fn cached<T: Clone>(cell: &'static OnceLock<T>, make: impl FnOnce() -> T) -> T {
+    if HANDLE.get().is_some() {
+        cell.get_or_init(make).clone()
+    } else {
+        make()
+    }
+}
+
+/// A labelled handle, kept per label value (rule names and HTTP statuses: bounded sets).
+fn cached_by<T: Clone>(
+    cell: &'static OnceLock<Mutex<HashMap<String, T>>>,
+    label: &str,
+    make: impl FnOnce() -> T,
+) -> T {
+    if HANDLE.get().is_none() {
+        return make();
+    }
+    let mut map = cell
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = map.get(label) {
+        return handle.clone();
+    }
+    let handle = make();
+    map.insert(label.to_owned(), handle.clone());
+    handle
 }
 
 pub fn message(rule: &str, outcome: Outcome) {
-    counter!(MESSAGES, "rule" => rule.to_owned(), "outcome" => outcome.as_str()).increment(1);
+    static BY_RULE: OnceLock<Mutex<HashMap<String, [Counter; 4]>>> = OnceLock::new();
+    let counters = cached_by(&BY_RULE, rule, || {
+        [
+            Outcome::Delivered,
+            Outcome::Skipped,
+            Outcome::DeadLettered,
+            Outcome::Requeued,
+        ]
+        .map(|o| counter!(MESSAGES, "rule" => rule.to_owned(), "outcome" => o.as_str()))
+    });
+    let index = match outcome {
+        Outcome::Delivered => 0,
+        Outcome::Skipped => 1,
+        Outcome::DeadLettered => 2,
+        Outcome::Requeued => 3,
+    };
+    counters[index].increment(1);
 }
 
 pub fn dead_letter(rule: &str, reason: &'static str) {
@@ -252,16 +304,24 @@ pub fn dead_letter(rule: &str, reason: &'static str) {
 }
 
 pub fn crisp_request(status: &str) {
-    counter!(CRISP_REQUESTS, "status" => status.to_owned()).increment(1);
+    static BY_STATUS: OnceLock<Mutex<HashMap<String, Counter>>> = OnceLock::new();
+    cached_by(
+        &BY_STATUS,
+        status,
+        || counter!(CRISP_REQUESTS, "status" => status.to_owned()),
+    )
+    .increment(1);
     requests_today();
 }
 
 pub fn crisp_request_duration(elapsed: Duration) {
-    histogram!(CRISP_REQUEST_DURATION).record(elapsed.as_secs_f64());
+    static KEPT: OnceLock<Histogram> = OnceLock::new();
+    cached(&KEPT, || histogram!(CRISP_REQUEST_DURATION)).record(elapsed.as_secs_f64());
 }
 
 pub fn in_flight(delta: f64) {
-    gauge!(IN_FLIGHT).increment(delta);
+    static KEPT: OnceLock<Gauge> = OnceLock::new();
+    cached(&KEPT, || gauge!(IN_FLIGHT)).increment(delta);
 }
 
 pub fn retry() {
@@ -319,7 +379,8 @@ fn requests_today() {
         COUNT.store(0, Ordering::Release);
     }
     let n = COUNT.fetch_add(1, Ordering::AcqRel) + 1;
-    gauge!(CRISP_REQUESTS_TODAY).set(n as f64);
+    static KEPT: OnceLock<Gauge> = OnceLock::new();
+    cached(&KEPT, || gauge!(CRISP_REQUESTS_TODAY)).set(n as f64);
 }
 
 pub fn concurrency_limit(limit: f64) {

@@ -413,8 +413,14 @@ async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_message() {
         .set_latency(std::time::Duration::from_secs(20));
     let mut bridge = setup.spawn(&[]).await;
     setup.publish_trials(1).await;
-    eventually("the message to be taken", || async {
-        (setup.broker.ready(&setup.names.queue).await == 0).then_some(())
+    // Its request in flight (not merely prefetched, which a graceful stop hands back at
+    // once with exit 0).
+    eventually("the request in flight", || async {
+        let metrics = bridge.metrics().await;
+        metrics
+            .lines()
+            .any(|l| l == "crisp_bridge_in_flight 1")
+            .then_some(())
     })
     .await;
     let started = std::time::Instant::now();
