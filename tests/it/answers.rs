@@ -1,19 +1,10 @@
 //! Hostile or odd answers and careless publishers (issues 7 and 8): reused message ids,
 //! redirects, absurd `Retry-After`s, 422s, huge messages, and an outage of any length.
 
-use crate::harness::{eventually, header, TestApp};
-use crisp_bridge::sandbox::{Fault, SandboxOptions};
+use crate::harness::{auto_profiles, eventually, header, TestApp, TRIAL};
+use crisp_bridge::sandbox::Fault;
 use lapin::BasicProperties;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn auto_profiles() -> SandboxOptions {
-    SandboxOptions {
-        auto_create_profiles: true,
-        ..Default::default()
-    }
-}
-
-const TRIAL: &[u8] = br#"{"email":"a@b.io","phase":"started"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_message_id_with_another_body_is_still_sent() {

@@ -1,18 +1,11 @@
 //! What reaches Crisp, byte for byte, and what ends in which queue.
 
-use crate::harness::{header, TestApp, WEBSITE};
-use crisp_bridge::sandbox::SandboxOptions;
+use crate::harness::{auto_profiles, header, TestApp, WEBSITE};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde_json::json;
 
 /// Tests that are not about profiles let the sandbox accept any email.
-fn auto_profiles() -> SandboxOptions {
-    SandboxOptions {
-        auto_create_profiles: true,
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_posts_the_exact_event_and_acks() {

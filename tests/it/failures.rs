@@ -1,16 +1,11 @@
 //! Crisp failing in every way DESIGN lists, and the broker going away.
 
-use crate::harness::{amqp_url_via, broker_addr, eventually, header, ChaosProxy, TestApp};
-use crisp_bridge::sandbox::{Fault, Sandbox, SandboxOptions};
+use crate::harness::{
+    amqp_url_via, auto_profiles, broker_addr, eventually, header, ChaosProxy, TestApp, TRIAL,
+};
+use crisp_bridge::sandbox::{Fault, Sandbox};
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-fn auto_profiles() -> SandboxOptions {
-    SandboxOptions {
-        auto_create_profiles: true,
-        ..Default::default()
-    }
-}
 
 fn fault(status: u16, times: u32) -> Fault {
     Fault {
@@ -19,8 +14,6 @@ fn fault(status: u16, times: u32) -> Fault {
         ..Default::default()
     }
 }
-
-const TRIAL: &[u8] = br#"{"email":"a@b.io","phase":"started"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crisp_400_is_a_dead_letter() {

@@ -595,3 +595,15 @@ pub async fn amqp_url_via(addr: SocketAddr) -> String {
 fn percent_encode_vhost(vhost: &str) -> String {
     vhost.replace('%', "%25").replace('/', "%2f")
 }
+
+/// A sandbox that accepts events for unknown emails (creating the profile), so tests
+/// need not seed profiles.
+pub fn auto_profiles() -> SandboxOptions {
+    SandboxOptions {
+        auto_create_profiles: true,
+        ..Default::default()
+    }
+}
+
+/// A trial event for `a@b.io`, matched by the standard rules' `trial` rule.
+pub const TRIAL: &[u8] = br#"{"email":"a@b.io","phase":"started"}"#;
