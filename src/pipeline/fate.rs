@@ -69,11 +69,13 @@ pub fn fate(happened: Happened, settings: FateSettings) -> Disposition {
             Disposition::Requeue(RequeueKind::RetriesExhausted)
         }
         // Not the message's fault: it may wait as long as it needs.
-        Happened::Refused
-        | Happened::Held
-        | Happened::NotStarted
-        | Happened::ChannelGone
-        | Happened::DeadLetterUnconfirmed => Disposition::Requeue(RequeueKind::NotNow),
+        Happened::Refused | Happened::Held | Happened::NotStarted | Happened::ChannelGone => {
+            Disposition::Requeue(RequeueKind::NotNow)
+        }
+        // A broker that keeps refusing the copy (a full dead-letter queue with
+        // `reject-publish`, say) would otherwise bounce the message back at once, forever:
+        // counting it bounds the loop by the queue's delivery limit.
+        Happened::DeadLetterUnconfirmed => Disposition::Requeue(RequeueKind::RetriesExhausted),
     }
 }
 
@@ -145,10 +147,10 @@ mod tests {
                 not_now.clone(),
             ),
             (
-                "dead-letter copy unconfirmed",
+                "dead-letter copy unconfirmed (counted: a broker refusing it would loop)",
                 Happened::DeadLetterUnconfirmed,
                 ACK,
-                not_now.clone(),
+                Disposition::Requeue(RequeueKind::RetriesExhausted),
             ),
             (
                 "transient for max_retry_time",
