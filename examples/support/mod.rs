@@ -197,15 +197,7 @@ impl Publisher {
     }
 
     pub async fn publish(&self, exchange: &str, routing_key: &str, seq: u64, people: u64) {
-        let body = serde_json::json!({
-            "email": format!("person{}@example.com", seq % people),
-            "seq": seq,
-            "plan": "pro",
-        })
-        .to_string();
-        let props = BasicProperties::default()
-            .with_message_id(seq.to_string().into())
-            .with_delivery_mode(2);
+        let (body, props) = load_message(seq, people);
         let confirm = self
             .channel
             .basic_publish(
@@ -233,15 +225,7 @@ impl Publisher {
     ) {
         let mut pending = Vec::with_capacity(1_000);
         for seq in seqs {
-            let body = serde_json::json!({
-                "email": format!("person{}@example.com", seq % people),
-                "seq": seq,
-                "plan": "pro",
-            })
-            .to_string();
-            let props = BasicProperties::default()
-                .with_message_id(seq.to_string().into())
-                .with_delivery_mode(2);
+            let (body, props) = load_message(seq, people);
             let confirm = self
                 .channel
                 .basic_publish(
@@ -315,4 +299,18 @@ pub fn delivered_seqs(sandbox: &Sandbox) -> Vec<u64> {
         .iter()
         .filter_map(|e| e.data.get("seq").and_then(|v| v.as_u64()))
         .collect()
+}
+
+/// Message `seq` of a load: one of `people` persons, with `seq` as its message id.
+fn load_message(seq: u64, people: u64) -> (String, BasicProperties) {
+    let body = serde_json::json!({
+        "email": format!("person{}@example.com", seq % people),
+        "seq": seq,
+        "plan": "pro",
+    })
+    .to_string();
+    let props = BasicProperties::default()
+        .with_message_id(seq.to_string().into())
+        .with_delivery_mode(2);
+    (body, props)
 }
