@@ -136,6 +136,11 @@ async fn run_one(kind: Kind, s: &Settings, sandbox: &crisp_bridge::sandbox::Sand
     let ticks = cpu_ticks(pid).expect("cpu ticks");
     let hwm_kib = status_kib(pid, "VmHWM:").expect("VmHWM");
     let anon_kib = status_kib(pid, "RssAnon:").unwrap_or(0.0);
+    // A diagnostic: where the resident memory is, mapping by mapping.
+    if let Ok(dir) = std::env::var("PERF_SMAPS_DIR") {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let _ = std::fs::write(format!("{dir}/{}.smaps", kind.name()), smaps);
+    }
     let file_kib = status_kib(pid, "RssFile:").unwrap_or(0.0);
     let _ = std::process::Command::new("kill")
         .args(["-s", "TERM", &pid.to_string()])
