@@ -2,13 +2,14 @@
 
 use crate::admin::{self, Health};
 use crate::broker;
+use crate::broker::acks::Acks;
 use crate::config::{redact_url, Config, Validated};
 use crate::crisp::CrispClient;
 use crate::pipeline::{FlowState, Pipeline, PipelineSettings};
 use crate::telemetry::metrics;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Connection, Consumer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,7 +95,7 @@ impl App {
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => upkeep.run_upkeep(),
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -233,13 +234,16 @@ impl Session {
             };
             self.health.set_consuming(true);
             tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
-            let end = self.pump(&channel, consumer, shutdown).await;
+            let acks = Arc::new(Acks::new(channel.clone(), amqp.prefetch));
+            tokio::spawn(Arc::clone(&acks).run());
+            let end = self.pump(&acks, consumer, shutdown).await;
             self.health.set_consuming(false);
             match end {
                 SessionEnd::Shutdown => {
                     self.pipeline
                         .shutdown(self.config.delivery.shutdown_timeout)
                         .await;
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
                     let _ = channel.close(200, "crisp-bridge stopping".into()).await;
                     return None;
                 }
@@ -247,28 +251,33 @@ impl Session {
                     // Held deliveries requeue at once; then let go of the channel so
                     // nothing stays reserved for this pod while it waits.
                     self.pipeline.wait_idle().await;
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
                     let closing = channel.close(200, "crisp-bridge pausing".into());
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
                 }
-                SessionEnd::BrokerLost(why) => return Some(why),
+                SessionEnd::BrokerLost(why) => {
+                    // The broker requeues whatever we had not acked; stop the flusher.
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
+                    return Some(why);
+                }
             }
         }
     }
 
     async fn pump(
         &self,
-        channel: &Channel,
+        acks: &Arc<Acks>,
         mut consumer: Consumer,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
-        let shared = Arc::new(channel.clone());
+        let channel = acks.channel();
         let end = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
                 _ = self.pipeline.flow.closed() => break SessionEnd::Paused,
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => self.pipeline.handle(Arc::clone(&shared), delivery),
+                    Some(Ok(delivery)) => self.pipeline.handle(Arc::clone(acks), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
                     None => return SessionEnd::BrokerLost("the broker cancelled our consumer".into()),
                 },
@@ -286,7 +295,7 @@ impl Session {
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {
-            self.pipeline.hand_back(channel, &delivery).await;
+            self.pipeline.hand_back(acks, &delivery).await;
             requeued += 1;
         }
         if requeued > 0 {

@@ -1,6 +1,7 @@
 //! Step 1 (and, in [`settle`], step 6): the RabbitMQ side. Connect, declare the
 //! topology, consume with a prefetch window.
 
+pub mod acks;
 pub mod settle;
 
 use crate::config::{AmqpConfig, QueueType};

@@ -93,6 +93,27 @@ async fn unless_channel_ended<T>(
     }
 }
 
+/// Runs `settling` (a command on `channel`) unless the channel stops being connected
+/// first, in which case it gives `None`.
+pub(crate) async fn unless_channel_closes<T>(
+    channel: &Channel,
+    settling: impl Future<Output = T>,
+) -> Option<T> {
+    let ended = async {
+        loop {
+            tokio::time::sleep(CHANNEL_CHECK).await;
+            if !channel.status().connected() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        settled = settling => Some(settled),
+        _ = ended => None,
+    }
+}
+
 async fn settle_on_live_channel(
     channel: &Channel,
     dead_letter_exchange: &str,
@@ -135,9 +156,14 @@ fn outcome(result: lapin::Result<bool>) -> Settled {
 }
 
 fn stale() -> Settled {
+    note_stale();
+    Settled::Stale
+}
+
+/// Counts and logs a settlement the channel's end made moot.
+pub(crate) fn note_stale() {
     metrics::stale_settlement();
     tracing::warn!("delivery's channel is gone; the broker will redeliver the message");
-    Settled::Stale
 }
 
 /// The dead-letter copy's properties: the original ones, its headers plus ours, each of

@@ -10,6 +10,7 @@ mod limit;
 pub use fate::{fate, FateSettings, Happened};
 pub use flow::{Flow, FlowState};
 
+use crate::broker::acks::Acks;
 use crate::broker::settle::{settle, Settled};
 use crate::config::DeliveryConfig;
 use crate::crisp::{CrispClient, Failure};
@@ -22,7 +23,6 @@ use flow::Retry;
 use futures_util::FutureExt;
 use lanes::Lanes;
 use lapin::message::Delivery;
-use lapin::Channel;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,9 +48,9 @@ async fn contain_panic(work: impl std::future::Future<Output = Happened>, rule: 
 
 /// A delivery and everything needed to settle it.
 struct Job {
-    /// Shared by every delivery of a session: cloning a lapin `Channel` per message was
-    /// a visible part of the CPU per message (issue 10).
-    channel: Arc<Channel>,
+    /// The session's channel and its acks, shared by every delivery of the session:
+    /// cloning a lapin `Channel` per message was a visible part of the CPU per message.
+    acks: Arc<Acks>,
     delivery: Delivery,
     mapped: Mapped,
     /// The duplicate window's id: CloudEvents `source` + `id`, else the AMQP `message_id`.
@@ -101,7 +101,8 @@ impl Pipeline {
 
     /// Takes one delivery from the consumer. Never blocks on Crisp: deliveries run on
     /// their person's lane.
-    pub fn handle(self: &Arc<Self>, channel: Arc<Channel>, delivery: Delivery) {
+    pub fn handle(self: &Arc<Self>, acks: Arc<Acks>, delivery: Delivery) {
+        acks.received(delivery.delivery_tag);
         let max = self.settings.max_message_bytes;
         let mut id = None;
         let decision = if delivery.data.len() > max {
@@ -129,17 +130,17 @@ impl Pipeline {
                 let happened = Happened::Unmatched {
                     routing_key: delivery.routing_key.to_string(),
                 };
-                return self.settle_in_background(channel, delivery, NO_RULE.into(), happened);
+                return self.settle_in_background(acks, delivery, NO_RULE.into(), happened);
             }
             Routed::Invalid(dl) => {
                 let rule = dl.rule.clone().unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(channel, delivery, rule, Happened::Invalid(dl));
+                return self.settle_in_background(acks, delivery, rule, Happened::Invalid(dl));
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
         let key = self.lanes.key(&mapped.people_id);
         let job = Job {
-            channel,
+            acks,
             delivery,
             mapped,
             id,
@@ -153,14 +154,14 @@ impl Pipeline {
 
     fn settle_in_background(
         self: &Arc<Self>,
-        channel: Arc<Channel>,
+        acks: Arc<Acks>,
         delivery: Delivery,
         rule: String,
         happened: Happened,
     ) {
         let this = Arc::clone(self);
         self.tasks
-            .spawn(async move { this.finish(&channel, &delivery, &rule, happened).await });
+            .spawn(async move { this.finish(&acks, &delivery, &rule, happened).await });
     }
 
     async fn run_lane(self: Arc<Self>, key: u64, first: Job) {
@@ -169,7 +170,7 @@ impl Pipeline {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
             let happened = contain_panic(self.run_job(&job), &job.mapped.rule).await;
-            self.finish(&job.channel, &job.delivery, &job.mapped.rule, happened)
+            self.finish(&job.acks, &job.delivery, &job.mapped.rule, happened)
                 .await;
             match self.lanes.next(key) {
                 Some(next) => job = next,
@@ -181,7 +182,7 @@ impl Pipeline {
     async fn run_job(&self, job: &Job) -> Happened {
         let message_id = job.id.as_deref();
         let body = job.delivery.data.as_slice();
-        let happened = if !job.delivery.acker.usable() || !job.channel.status().connected() {
+        let happened = if !job.delivery.acker.usable() || !job.acks.channel().status().connected() {
             // The channel died while this waited: the broker redelivers the message
             // on the new channel, so posting it now would only make a duplicate.
             Happened::ChannelGone
@@ -307,43 +308,41 @@ impl Pipeline {
     }
 
     /// Requeues a delivery that was prefetched but never started (the consumer stopped).
-    pub async fn hand_back(&self, channel: &Channel, delivery: &Delivery) {
-        self.finish(channel, delivery, NO_RULE, Happened::NotStarted)
+    pub async fn hand_back(&self, acks: &Acks, delivery: &Delivery) {
+        acks.received(delivery.delivery_tag);
+        self.finish(acks, delivery, NO_RULE, Happened::NotStarted)
             .await;
     }
 
     /// The one path every delivery is settled through: its fate, then the broker.
-    async fn finish(&self, channel: &Channel, delivery: &Delivery, rule: &str, happened: Happened) {
+    async fn finish(&self, acks: &Acks, delivery: &Delivery, rule: &str, happened: Happened) {
         let settings = FateSettings {
             unmatched: self.settings.delivery.unmatched,
         };
         let mut disposition = fate(happened, settings);
-        let mut settled = settle(
-            channel,
-            &self.settings.dead_letter_exchange,
-            delivery,
-            &disposition,
-        )
-        .await;
-        if settled == Settled::DeadLetterFailed {
-            disposition = fate(Happened::DeadLetterUnconfirmed, settings);
-            settled = settle(
-                channel,
-                &self.settings.dead_letter_exchange,
-                delivery,
-                &disposition,
-            )
-            .await;
+        if let Disposition::Ack { .. } = disposition {
+            // Sent by the session's flusher, usually with others (`multiple`).
+            acks.ack(delivery.delivery_tag);
+        } else {
+            let channel = acks.channel();
+            let dead_letter_exchange = &self.settings.dead_letter_exchange;
+            let settled = settle(channel, dead_letter_exchange, delivery, &disposition).await;
+            if settled == Settled::DeadLetterFailed {
+                disposition = fate(Happened::DeadLetterUnconfirmed, settings);
+                settle(channel, dead_letter_exchange, delivery, &disposition).await;
+            }
+            // Only now may a batch cover the tags above this one.
+            acks.settled(delivery.delivery_tag);
         }
-        let outcome = match (&disposition, settled) {
-            (Disposition::Ack { delivered: true }, _) => Outcome::Delivered,
-            (Disposition::Ack { delivered: false }, _) => Outcome::Skipped,
-            (Disposition::DeadLetter(dl), _) => {
+        let outcome = match &disposition {
+            Disposition::Ack { delivered: true } => Outcome::Delivered,
+            Disposition::Ack { delivered: false } => Outcome::Skipped,
+            Disposition::DeadLetter(dl) => {
                 metrics::dead_letter(rule, dl.reason.code());
                 tracing::warn!(reason = dl.reason.code(), rule, detail = %dl.detail, "dead-lettered a message");
                 Outcome::DeadLettered
             }
-            (Disposition::Requeue(_), _) => Outcome::Requeued,
+            Disposition::Requeue(_) => Outcome::Requeued,
         };
         metrics::message(rule, outcome);
         if outcome != Outcome::Requeued {
