@@ -198,7 +198,9 @@ async fn main() {
         bridge: std::env::var("PERF_BRIDGE_BIN")
             .map(Into::into)
             .unwrap_or_else(|_| default_bin()),
-        floor: PathBuf::from(format!("target/{profile}/examples/floor")),
+        floor: std::env::var("PERF_FLOOR_BIN")
+            .map(Into::into)
+            .unwrap_or_else(|_| PathBuf::from(format!("target/{profile}/examples/floor"))),
         url: amqp_url(),
         clock_ticks,
     };

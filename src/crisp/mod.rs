@@ -247,7 +247,8 @@ impl CrispClient {
             // Refused: the next request (or probe) uses what the files hold now.
             self.credentials.reload();
         }
-        let body = read_bounded(response, MAX_ERROR_BODY).await;
+        // Boxed: only failures read a body, and this future would size every request's.
+        let body = Box::pin(read_bounded(response, MAX_ERROR_BODY)).await;
         let mut error = classify::classify(status.as_u16(), &body, retry_after);
         if status.is_redirection() {
             error.message = classify::redirect_message(status.as_u16(), location.as_deref());

@@ -57,6 +57,15 @@ impl AdaptiveLimit {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A slot if one is free now (the common case: no waiter registered).
+    pub fn try_acquire(&self) -> Option<Slot<'_>> {
+        let mut state = self.lock();
+        (state.in_flight < state.limit.floor() as usize).then(|| {
+            state.in_flight += 1;
+            Slot { owner: self }
+        })
+    }
+
     pub async fn acquire(&self) -> Slot<'_> {
         loop {
             let notified = self.freed.notified();

@@ -32,18 +32,25 @@ use tokio_util::task::TaskTracker;
 /// Runs one message's work; a panic (a bug) becomes a requeue that counts toward the
 /// delivery limit, so a message that always panics ends in the dead-letter queue
 /// instead of cycling, and the lane lives on for that person's later messages.
-async fn contain_panic(work: impl std::future::Future<Output = Happened>, rule: &str) -> Happened {
-    match AssertUnwindSafe(work).catch_unwind().await {
-        Ok(happened) => happened,
-        Err(_) => {
-            metrics::lane_panic();
-            tracing::error!(
-                rule,
-                "handling a message panicked (a bug); handing it back to the broker"
-            );
-            Happened::Panicked
-        }
-    }
+/// (Not an `async fn`: that would hold `work` twice in its state, as the argument and
+/// inside `catch_unwind`.)
+fn contain_panic<'a>(
+    work: impl std::future::Future<Output = Happened> + 'a,
+    rule: &'a str,
+) -> impl std::future::Future<Output = Happened> + 'a {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .map(move |result| match result {
+            Ok(happened) => happened,
+            Err(_) => {
+                metrics::lane_panic();
+                tracing::error!(
+                    rule,
+                    "handling a message panicked (a bug); handing it back to the broker"
+                );
+                Happened::Panicked
+            }
+        })
 }
 
 /// A delivery and everything needed to settle it.
@@ -146,9 +153,7 @@ impl Pipeline {
             id,
         };
         if let Some(first) = self.lanes.push(key, job) {
-            let this = Arc::clone(self);
-            self.tasks
-                .spawn(async move { this.run_lane(key, first).await });
+            self.tasks.spawn(Arc::clone(self).run_lane(key, first));
         }
     }
 
@@ -164,8 +169,9 @@ impl Pipeline {
             .spawn(async move { this.finish(&acks, &delivery, &rule, happened).await });
     }
 
-    async fn run_lane(self: Arc<Self>, key: u64, first: Job) {
-        let mut job = first;
+    /// Runs `job`, then the lane's next ones. (Futures here are kept small: every
+    /// prefetched message may hold a lane task, and its state is moved and allocated.)
+    async fn run_lane(self: Arc<Self>, key: u64, mut job: Job) {
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
@@ -241,7 +247,7 @@ impl Pipeline {
                 {
                     drop(permit);
                     created_profile = true;
-                    match self.client.create_profile(&mapped.people_id).await {
+                    match Box::pin(self.client.create_profile(&mapped.people_id)).await {
                         Ok(()) => {
                             tracing::info!(rule = %mapped.rule, people_id = %who, "created the missing Crisp profile; sending the event once more");
                             continue;
@@ -281,12 +287,17 @@ impl Pipeline {
                         Retry::After(wait) => {
                             tracing::debug!(rule = %mapped.rule, people_id = %who, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
                             metrics::retry();
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = self.stopping.cancelled() => return Happened::NotStarted,
-                                // Paused for a refusal, an outage or a hold: hand it back
-                                // now, not after the backoff.
-                                _ = self.flow.closed() => return Happened::NotStarted,
+                            let waited = Box::pin(async {
+                                tokio::select! {
+                                    _ = tokio::time::sleep(wait) => true,
+                                    _ = self.stopping.cancelled() => false,
+                                    // Paused for a refusal, an outage or a hold: hand it
+                                    // back now, not after the backoff.
+                                    _ = self.flow.closed() => false,
+                                }
+                            });
+                            if !waited.await {
+                                return Happened::NotStarted;
                             }
                         }
                     }
@@ -326,10 +337,24 @@ impl Pipeline {
         } else {
             let channel = acks.channel();
             let dead_letter_exchange = &self.settings.dead_letter_exchange;
-            let settled = settle(channel, dead_letter_exchange, delivery, &disposition).await;
+            // Boxed: the rare path's future (a dead letter's publish and confirm) would
+            // otherwise size every lane's task (issue 10).
+            let settled = Box::pin(settle(
+                channel,
+                dead_letter_exchange,
+                delivery,
+                &disposition,
+            ))
+            .await;
             if settled == Settled::DeadLetterFailed {
                 disposition = fate(Happened::DeadLetterUnconfirmed, settings);
-                settle(channel, dead_letter_exchange, delivery, &disposition).await;
+                Box::pin(settle(
+                    channel,
+                    dead_letter_exchange,
+                    delivery,
+                    &disposition,
+                ))
+                .await;
             }
             // Only now may a batch cover the tags above this one.
             acks.settled(delivery.delivery_tag);
