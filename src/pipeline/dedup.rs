@@ -4,8 +4,8 @@
 //! `""`) must not lose that message, so only a true copy is suppressed, and an empty id
 //! never counts.
 
+use foldhash::quality::RandomState;
 use hashbrown::HashTable;
-use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -110,6 +110,8 @@ pub struct Dedup {
     window_s: u32,
     enabled: bool,
     started: Instant,
+    /// foldhash (quality), seeded per process: hashing every id and body with SipHash
+    /// was a visible share of the CPU per message (issue 10).
     hasher: RandomState,
     inner: Mutex<Recent>,
 }
@@ -125,7 +127,7 @@ impl Dedup {
             window_s: u32::try_from(secs).unwrap_or(u32::MAX),
             enabled: !window.is_zero(),
             started: Instant::now(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             inner: Mutex::new(Recent::new(cap)),
         }
     }

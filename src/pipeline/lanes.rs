@@ -5,22 +5,24 @@
 //! allocates nothing (an idle lane's `VecDeque` is empty and unallocated). Two people
 //! whose hashes collide share a lane: each keeps its order, they only wait on each other.
 
-use std::collections::hash_map::RandomState;
+use foldhash::fast::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 #[derive(Debug)]
 pub struct Lanes<J> {
+    /// foldhash, seeded per process: SipHash here was a visible share of the CPU per
+    /// message (issue 10), and a collision only makes two people share a lane.
     hasher: RandomState,
-    queued: Mutex<HashMap<u64, VecDeque<J>>>,
+    queued: Mutex<HashMap<u64, VecDeque<J>, RandomState>>,
 }
 
 impl<J> Default for Lanes<J> {
     fn default() -> Self {
         Self {
-            hasher: RandomState::new(),
-            queued: Mutex::new(HashMap::new()),
+            hasher: RandomState::default(),
+            queued: Mutex::new(HashMap::default()),
         }
     }
 }
