@@ -217,6 +217,11 @@ impl SandboxState {
         self.lock().faults.push_back(fault);
     }
 
+    /// Faults queued and not yet taken by a request.
+    pub fn pending_faults(&self) -> usize {
+        self.lock().faults.len()
+    }
+
     /// Crisp is down: every Crisp route answers `status` (None: back up).
     pub fn set_down(&self, status: Option<u16>) {
         self.lock().down_status = status;

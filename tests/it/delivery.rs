@@ -1,6 +1,7 @@
 //! What reaches Crisp, byte for byte, and what ends in which queue.
 
-use crate::harness::{auto_profiles, header, TestApp, WEBSITE};
+use crate::harness::{auto_profiles, eventually, header, TestApp, WEBSITE};
+use crisp_bridge::sandbox::Fault;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -338,4 +339,42 @@ async fn events_for_one_person_keep_their_order() {
         assert_eq!(seq.len(), n / 2);
     }
     app.stop().await;
+}
+
+/// Acks go in batches (`basic.ack` with `multiple`), which may only cover a run of tags
+/// below the oldest delivery still open. Acks waiting above a stuck delivery must still be
+/// sent, or they fill the prefetch window and the pod stops receiving: here the first
+/// message's request takes 5 s and, with a prefetch of 4, the 20 after it must all reach
+/// Crisp (and be acked, or the broker would not send the later ones) before it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_behind_a_slow_delivery_do_not_fill_the_prefetch_window() {
+    let mut app = TestApp::builder("acks-stuck")
+        .sandbox(auto_profiles())
+        .replace("prefetch = 16", "prefetch = 4")
+        .replace("timeout = \"2s\"", "timeout = \"30s\"")
+        .start()
+        .await;
+    app.sandbox.state.push_fault(Fault {
+        delay_ms: 5_000,
+        ..Default::default()
+    });
+    let slow = json!({"email": "slow@b.io", "phase": "started"}).to_string();
+    app.publish("trial.started", slow.as_bytes()).await;
+    let state = app.sandbox.state.clone();
+    eventually("the slow request to start", || {
+        let taken = state.pending_faults() == 0;
+        async move { taken.then_some(()) }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    app.publish_people(20).await;
+    let events = app.events(20).await;
+    assert!(
+        events.iter().all(|e| e.people_id != "slow@b.io"),
+        "the 20 arrived while the slow request was still running"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let events = app.events(21).await;
+    assert_eq!(events.len(), 21, "each message posted once");
+    app.stop_with_empty_queues().await;
 }
