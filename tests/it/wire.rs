@@ -1,6 +1,6 @@
 //! What goes over the wire, read raw: every request the Crisp client sends, taken byte
 //! for byte from a plain TCP listener (no HTTP library to be kind), and the sandbox's
-//! refusal of what a strict server refuses.
+//! refusal of what a strict server refuses; and the AMQP acks, read raw from a tapped connection.
 
 use crisp_bridge::config::{CrispConfig, Secret};
 use crisp_bridge::crisp::{CrispClient, Failure};
@@ -390,4 +390,128 @@ async fn the_sandbox_refuses_what_a_strict_server_refuses() {
     assert!(refused
         .header_lines
         .contains(&"Authorization: Basic <redacted, 40 bytes>".to_owned()));
+}
+
+/// A TCP proxy in front of the broker that keeps every byte the client sends.
+struct TapProxy {
+    addr: SocketAddr,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TapProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("tap bind");
+        let addr = listener.local_addr().expect("tap addr");
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = sent.clone();
+        let accept = tokio::spawn(async move {
+            // One connection is all the bridge opens here.
+            let Ok((inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                return;
+            };
+            let (mut client_read, mut client_write) = inbound.into_split();
+            let (mut broker_read, mut broker_write) = outbound.into_split();
+            let down = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut broker_read, &mut client_write).await;
+            });
+            let mut buffer = vec![0u8; 64 * 1024];
+            while let Ok(n) = client_read.read(&mut buffer).await {
+                if n == 0 || broker_write.write_all(&buffer[..n]).await.is_err() {
+                    break;
+                }
+                kept.lock()
+                    .expect("tap lock")
+                    .extend_from_slice(&buffer[..n]);
+            }
+            down.abort();
+        });
+        Self { addr, sent, accept }
+    }
+}
+
+impl Drop for TapProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Every `basic.ack` frame in a client's byte stream: (raw frame, delivery tag, multiple).
+fn basic_acks(stream: &[u8]) -> Vec<(Vec<u8>, u64, bool)> {
+    assert_eq!(
+        &stream[..8],
+        b"AMQP\x00\x00\x09\x01",
+        "AMQP 0-9-1 protocol header"
+    );
+    let mut acks = Vec::new();
+    let mut at = 8;
+    while at + 7 <= stream.len() {
+        let size = u32::from_be_bytes(stream[at + 3..at + 7].try_into().expect("4 bytes")) as usize;
+        let end = at + 7 + size + 1;
+        if end > stream.len() {
+            break; // a frame still being written
+        }
+        let frame = &stream[at..end];
+        assert_eq!(frame[end - at - 1], 0xCE, "frame end octet at {at}");
+        let payload = &frame[7..7 + size];
+        // Method frame, class 60 (basic), method 80 (ack).
+        if frame[0] == 1 && payload.len() >= 4 && payload[..4] == [0, 60, 0, 80] {
+            let tag = u64::from_be_bytes(payload[4..12].try_into().expect("8 bytes"));
+            acks.push((frame.to_vec(), tag, payload[12] & 1 == 1));
+        }
+        at = end;
+    }
+    acks
+}
+
+/// Acks read raw from the AMQP connection: each `basic.ack` frame is exactly the 21 bytes
+/// of the spec, `multiple` covers runs of messages (fewer frames than messages), and
+/// together the frames ack every delivery exactly once: none twice (a channel error), none
+/// missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_on_the_wire_cover_each_delivery_once_in_batches() {
+    use crate::harness::{amqp_url_via, auto_profiles, broker_addr, TestApp};
+    let proxy = TapProxy::start(broker_addr().await).await;
+    let url = amqp_url_via(proxy.addr).await;
+    let mut app = TestApp::builder("acks-wire")
+        .sandbox(auto_profiles())
+        .config(&format!("[amqp]\nurl = \"{url}\""))
+        .start()
+        .await;
+    let n = 300u64;
+    app.publish_people(n as usize).await;
+    app.events_for_people(n as usize).await;
+    app.stop_with_empty_queues().await;
+
+    let acks = basic_acks(&proxy.sent.lock().expect("tap lock"));
+    let mut acked = std::collections::BTreeSet::new();
+    let mut batched = 0;
+    for (frame, tag, multiple) in &acks {
+        let channel = [frame[1], frame[2]];
+        let mut expected = vec![1, channel[0], channel[1], 0, 0, 0, 13, 0, 60, 0, 80];
+        expected.extend_from_slice(&tag.to_be_bytes());
+        expected.extend_from_slice(&[u8::from(*multiple), 0xCE]);
+        assert_eq!(frame, &expected, "basic.ack frame byte for byte");
+        if *multiple {
+            let covered: Vec<u64> = (1..=*tag).filter(|t| !acked.contains(t)).collect();
+            assert!(!covered.is_empty(), "a batch up to {tag} acked nothing new");
+            batched += u64::from(covered.len() > 1);
+            acked.extend(covered);
+        } else {
+            assert!(acked.insert(*tag), "tag {tag} acked twice");
+        }
+    }
+    assert_eq!(acked, (1..=n).collect(), "every delivery acked, once");
+    assert!(
+        (acks.len() as u64) < n && batched > 0,
+        "{} ack frames for {n} messages, {batched} covering several",
+        acks.len()
+    );
+    eprintln!(
+        "{} ack frames for {n} messages ({batched} batches of several)",
+        acks.len()
+    );
 }
