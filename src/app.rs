@@ -271,11 +271,16 @@ impl Session {
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let channel = acks.channel();
+        // Made once per session, not once per delivery: registering and dropping these
+        // waiters for every message was a visible share of the CPU (issue 10).
+        let stopping = shutdown.cancelled();
+        let closed = self.pipeline.flow.closed();
+        tokio::pin!(stopping, closed);
         let end = loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = self.pipeline.flow.closed() => break SessionEnd::Paused,
+                _ = &mut stopping => break SessionEnd::Shutdown,
+                _ = &mut closed => break SessionEnd::Paused,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => self.pipeline.handle(Arc::clone(acks), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
