@@ -6,6 +6,10 @@
 //! floor, and the medians.
 //!
 //!     scripts/perf.sh [--messages N] [--runs R] [--latency-ms L] [--people P] [--bridge-only]
+//!
+//! `PERF_BRIDGE_BIN` and `PERF_FLOOR_BIN` run other binaries (`scripts/profile.sh` uses
+//! builds with symbols); `PERF_SMAPS_DIR=dir` saves each contender's `/proc/<pid>/smaps`
+//! there before it stops, to see where its memory is.
 
 #[path = "support/mod.rs"]
 mod support;

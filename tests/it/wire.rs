@@ -1,6 +1,6 @@
 //! What goes over the wire, read raw: every request the Crisp client sends, taken byte
-//! for byte from a plain TCP listener (no HTTP library to be kind), and the sandbox's
-//! refusal of what a strict server refuses; and the AMQP acks, read raw from a tapped connection.
+//! for byte from a plain TCP listener (no HTTP library to be kind), the sandbox's refusal
+//! of what a strict server refuses, and the AMQP acks, read from a tapped connection.
 
 use crisp_bridge::config::{CrispConfig, Secret};
 use crisp_bridge::crisp::{CrispClient, Failure};
