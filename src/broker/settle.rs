@@ -78,19 +78,7 @@ async fn unless_channel_ended<T>(
     delivery: &Delivery,
     settling: impl Future<Output = T>,
 ) -> Option<T> {
-    let ended = async {
-        loop {
-            tokio::time::sleep(CHANNEL_CHECK).await;
-            if delivery.acker.poisoned() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        biased;
-        settled = settling => Some(settled),
-        _ = ended => None,
-    }
+    unless(|| delivery.acker.poisoned(), settling).await
 }
 
 /// Runs `settling` (a command on `channel`) unless the channel stops being connected
@@ -99,10 +87,15 @@ pub(crate) async fn unless_channel_closes<T>(
     channel: &Channel,
     settling: impl Future<Output = T>,
 ) -> Option<T> {
+    unless(|| !channel.status().connected(), settling).await
+}
+
+/// Runs `settling` unless `ended` turns true first (looked at every [`CHANNEL_CHECK`]).
+async fn unless<T>(ended: impl Fn() -> bool, settling: impl Future<Output = T>) -> Option<T> {
     let ended = async {
         loop {
             tokio::time::sleep(CHANNEL_CHECK).await;
-            if !channel.status().connected() {
+            if ended() {
                 return;
             }
         }
