@@ -146,11 +146,17 @@ impl Acks {
     pub async fn run(self: std::sync::Arc<Self>) {
         let mut next_check: Option<Instant> = None;
         loop {
-            let far = Instant::now() + Duration::from_secs(3600);
+            // A timer only while stragglers wait: most wakes need none.
+            let straggler_check = async {
+                match next_check {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.closed.cancelled() => return,
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep_until(next_check.unwrap_or(far)) => {}
+                _ = straggler_check => {}
             }
             if !self.channel.status().connected() {
                 return;
