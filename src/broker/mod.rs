@@ -94,6 +94,50 @@ pub async fn declare_topology(
                 amqp.exchange
             )
         })?;
+    declare_dead_letter_topology(channel, amqp).await?;
+    channel
+        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
+        .await
+        .context(|| {
+            format!(
+                "declaring queue `{}` (an existing queue with other arguments must be deleted or amqp.declare set to false)",
+                amqp.queue
+            )
+        })?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                amqp.queue.as_str().into(),
+                amqp.exchange.as_str().into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context(|| {
+                format!(
+                    "binding `{}` to `{}` with `{pattern}`",
+                    amqp.queue, amqp.exchange
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Declares the dead-letter exchange (fanout) and queue, and binds them: at start, and
+/// again when a dead-letter copy found no queue (someone deleted it).
+pub async fn declare_dead_letter_topology(
+    channel: &Channel,
+    amqp: &AmqpConfig,
+) -> Result<(), BrokerError> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
         .exchange_declare(
             amqp.dead_letter_exchange.as_str().into(),
@@ -131,32 +175,6 @@ pub async fn declare_topology(
                 amqp.dead_letter_queue, amqp.dead_letter_exchange
             )
         })?;
-    channel
-        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
-        .await
-        .context(|| {
-            format!(
-                "declaring queue `{}` (an existing queue with other arguments must be deleted or amqp.declare set to false)",
-                amqp.queue
-            )
-        })?;
-    for pattern in patterns {
-        channel
-            .queue_bind(
-                amqp.queue.as_str().into(),
-                amqp.exchange.as_str().into(),
-                (*pattern).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context(|| {
-                format!(
-                    "binding `{}` to `{}` with `{pattern}`",
-                    amqp.queue, amqp.exchange
-                )
-            })?;
-    }
     Ok(())
 }
 
@@ -185,7 +203,8 @@ pub fn main_queue_args(amqp: &AmqpConfig) -> FieldTable {
     if amqp.queue_type == QueueType::Quorum && amqp.delivery_limit > 0 {
         args.insert(
             "x-delivery-limit".into(),
-            AMQPValue::LongInt(amqp.delivery_limit as i32),
+            // An absurd limit is "never", not a wrapped negative number.
+            AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
         );
     }
     args

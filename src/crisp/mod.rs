@@ -186,16 +186,10 @@ impl CrispClient {
         }
     }
 
-    /// A read that proves whether Crisp accepts our credentials for this website:
-    /// `people_not_found` for a random id means yes.
-    pub async fn probe(&self) -> Result<(), CrispError> {
-        // The key may have been rotated while we were refused.
+    /// Reads the credential files again (a hold's trial: the key may have been rotated
+    /// while Crisp refused it).
+    pub fn reload_credentials(&self) {
         self.credentials.reload();
-        let url = format!("{}/people/profile/{}", self.website_url, uuid::Uuid::nil());
-        match self.send(self.http.get(url), None).await {
-            Err(e) if e.failure == Failure::PeopleNotFound => Ok(()),
-            other => other,
-        }
     }
 
     /// Sends one request. Every header is set exactly once here or by the client's

@@ -7,6 +7,7 @@ mod delivery;
 mod dying_connection;
 mod failures;
 mod harness;
+mod holds;
 mod hostile;
 mod process;
 mod replay;

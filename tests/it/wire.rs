@@ -157,28 +157,6 @@ async fn every_request_sends_each_header_exactly_once() {
         raw.header_lines
     );
     assert_eq!(raw.body, body);
-
-    // The credential probe: a GET, so no Content-Type and no body.
-    let probing = tokio::spawn({
-        let client = client.clone();
-        async move { client.probe().await }
-    });
-    let raw = capture_one(&listener, OK).await;
-    probing
-        .await
-        .unwrap()
-        .expect("200 means the credentials work");
-    assert_eq!(
-        raw.request_line,
-        format!("GET {website}/people/profile/00000000-0000-0000-0000-000000000000 HTTP/1.1")
-    );
-    assert_eq!(
-        sorted(raw.header_lines.clone()),
-        expected(addr, &[]),
-        "probe GET header lines: {:#?}",
-        raw.header_lines
-    );
-    assert!(raw.body.is_empty());
 }
 
 #[tokio::test]
