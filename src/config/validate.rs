@@ -192,15 +192,15 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             "is shorter than delivery.initial_backoff".into(),
         );
     }
-    // A delivery held past the broker's consumer timeout closes the whole channel, so
-    // keep the retry budget (plus a request in flight) well under it.
-    let limit = amqp.consumer_timeout / 2;
-    if d.max_retry_time.saturating_add(crisp.timeout) > limit {
+    // A delivery held past the broker's consumer timeout closes the whole channel. The
+    // bridge hands every delivery back by half of it; a request already in flight then
+    // must still end (crisp.timeout) well before the broker acts.
+    if crisp.timeout >= amqp.consumer_timeout / 2 {
         bad(
-            "delivery.max_retry_time",
+            "crisp.timeout",
             format!(
-                "{} plus crisp.timeout must stay under half of amqp.consumer_timeout ({}), or RabbitMQ closes the channel holding the message",
-                humantime::format_duration(d.max_retry_time),
+                "{} must stay under half of amqp.consumer_timeout ({}), or RabbitMQ closes the channel holding a message whose request is still in flight",
+                humantime::format_duration(crisp.timeout),
                 humantime::format_duration(amqp.consumer_timeout)
             ),
         );
@@ -378,11 +378,11 @@ mod tests {
             [amqp]
             url = "http://user:topsecret@host"
             prefetch = 0
+            consumer_timeout = "10s"
             [crisp]
             website_id = "nope"
             api_url = "ftp://x"
             [delivery]
-            max_retry_time = "20m"
             concurrency = 0
             [server]
             listen = "nowhere"
@@ -402,7 +402,7 @@ mod tests {
             "crisp.identifier",
             "crisp.key",
             "crisp.api_url",
-            "delivery.max_retry_time",
+            "crisp.timeout",
             "delivery.concurrency",
             "server.listen",
             "rules",

@@ -2,6 +2,7 @@
 //! The broker comes from `AMQP_URL` (else testcontainers' RabbitMQ module).
 
 mod answers;
+mod consumer_timeout;
 mod contracts;
 mod delivery;
 mod dying_connection;
