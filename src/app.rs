@@ -3,7 +3,7 @@
 use crate::admin::{self, Health};
 use crate::broker;
 use crate::broker::acks::Acks;
-use crate::config::{redact_url, Config, Validated};
+use crate::config::{Config, Validated};
 use crate::crisp::CrispClient;
 use crate::pipeline::{FlowState, Pipeline, PipelineSettings};
 use crate::telemetry::metrics;
@@ -132,7 +132,6 @@ struct Session {
 
 impl Session {
     async fn run(&self, shutdown: &CancellationToken) {
-        let amqp = &self.config.amqp;
         let mut attempt: u32 = 0;
         while !shutdown.is_cancelled() {
             let connected = tokio::select! {
@@ -147,7 +146,8 @@ impl Session {
                     let wait =
                         Duration::from_secs(1u64 << attempt.min(5)).min(MAX_RECONNECT_BACKOFF);
                     attempt += 1;
-                    tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs(), url = %redact_url(amqp.url.expose()), "cannot connect to RabbitMQ; retrying");
+                    // The error names the URL (its password masked) and the key it came from.
+                    tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs(), "cannot connect to RabbitMQ; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = shutdown.cancelled() => break,
@@ -175,7 +175,7 @@ impl Session {
             .await;
     }
 
-    async fn connect(&self) -> Result<Connection, broker::BrokerError> {
+    async fn connect(&self) -> Result<Connection, broker::ConnectError> {
         let amqp = &self.config.amqp;
         let connection = broker::connect(amqp).await?;
         if amqp.declare {

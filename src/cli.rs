@@ -202,7 +202,8 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            // Scrubbed once more: whatever a library put in the error, no secret is shown.
+            eprintln!("error: {}", config::redact::scrub(&e.to_string()));
             ExitCode::FAILURE
         }
     }
