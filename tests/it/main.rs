@@ -8,6 +8,7 @@ mod dying_connection;
 mod failures;
 mod harness;
 mod hostile;
+mod pipes;
 mod process;
 mod replay;
 mod wire;
