@@ -528,13 +528,17 @@ async fn a_rotated_url_file_that_does_not_parse_never_shows_its_password() {
         "the line says what failed, where, and what to do: {line}"
     );
 
-    // Fixed again: the bridge reconnects and delivers what waited, nothing lost.
+    // Fixed again: the bridge reconnects and delivers what waited, nothing lost (the
+    // first message may come twice: its ack may have died with the connection).
     write_atomically(&url_file, &good);
-    assert_eq!(setup.all_delivered(2).await, 0, "no duplicates");
+    setup.all_delivered(2).await;
     bridge.wait_ready().await;
+    eventually("the queue drained", || async {
+        (setup.broker.ready(&setup.names.queue).await == 0).then_some(())
+    })
+    .await;
     bridge.signal("TERM");
     assert!(bridge.wait_exit().await.success());
-    assert_eq!(setup.broker.ready(&setup.names.queue).await, 0);
     assert_eq!(setup.broker.ready(&setup.names.dlq).await, 0);
     let logs = bridge.output();
     for piece in PIECES {
