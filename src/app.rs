@@ -3,7 +3,7 @@
 use crate::admin::{self, Health};
 use crate::broker;
 use crate::broker::acks::Acks;
-use crate::config::{redact_url, Config, Validated};
+use crate::config::{Config, Validated};
 use crate::crisp::CrispClient;
 use crate::pipeline::{Backoff, Jitter, Pipeline, PipelineSettings};
 use crate::telemetry::metrics;
@@ -134,7 +134,6 @@ enum SessionEnd {
 
 impl Session {
     async fn run(&self, shutdown: &CancellationToken) {
-        let amqp = &self.config.amqp;
         let reconnects = Backoff {
             initial: Duration::from_secs(1),
             max: MAX_RECONNECT_BACKOFF,
@@ -153,7 +152,8 @@ impl Session {
                     self.health.set_broker(false);
                     let wait = reconnects.delay(attempt);
                     attempt = attempt.saturating_add(1);
-                    tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, url = %redact_url(amqp.url.expose()), "cannot connect to RabbitMQ; retrying");
+                    // The error names the URL (its password masked) and the key it came from.
+                    tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = shutdown.cancelled() => break,
@@ -195,7 +195,7 @@ impl Session {
         *self.stopping_since.get_or_init(Instant::now)
     }
 
-    async fn connect(&self) -> Result<Connection, broker::BrokerError> {
+    async fn connect(&self) -> Result<Connection, broker::ConnectError> {
         let amqp = &self.config.amqp;
         let connection = broker::connect(amqp).await?;
         if amqp.declare {

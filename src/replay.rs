@@ -70,6 +70,8 @@ impl Report {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
+    Connect(#[from] broker::ConnectError),
+    #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("the broker did not confirm the replayed copy of a `{reason}` dead letter; it stays in {queue}, nothing was lost; run replay again")]
     NotConfirmed { reason: String, queue: String },

@@ -4,7 +4,7 @@
 pub mod acks;
 pub mod settle;
 
-use crate::config::{AmqpConfig, QueueType};
+use crate::config::{self, redact, AmqpConfig, QueueType};
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -30,13 +30,40 @@ pub fn frame_max() -> u32 {
     }
 }
 
-/// A broker operation that failed, with what was being done.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+/// A broker operation that failed, with what was being done. Its text is scrubbed of
+/// secrets (lapin's errors may quote the URL, password included), and it has no
+/// `source()`, through which a chain printer would show lapin's raw text.
 pub struct BrokerError {
     pub what: String,
-    #[source]
     pub source: lapin::Error,
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = self.source.to_string();
+        write!(f, "{}: {}", self.what, redact::scrub(&source))
+    }
+}
+
+impl std::fmt::Debug for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = format!("{:?}", self.source);
+        f.debug_struct("BrokerError")
+            .field("what", &self.what)
+            .field("source", &redact::scrub(&source))
+            .finish()
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+/// Why no connection was made: the URL itself (nothing was sent), or the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Url(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 trait Context<T> {
@@ -52,16 +79,43 @@ impl<T> Context<T> for Result<T, lapin::Error> {
     }
 }
 
-pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, BrokerError> {
+pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
     // Read again before each connection: a rotated `amqp.url_file` is picked up.
-    let connection = Connection::connect(amqp.current_url().expose(), properties)
-        .await
-        .context(|| "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".into())?;
+    let url = amqp.current_url();
+    // Parsed here, not by lapin, whose error would quote the URL whole.
+    let uri = config::parse_amqp_url(url.expose())
+        .map_err(|why| ConnectError::Url(bad_url_message(amqp, &why)))?;
+    let connection = Connection::connect_uri(uri, properties).await.context(|| {
+        format!(
+            "connecting to RabbitMQ at {} (check {})",
+            redact::redact_url(url.expose()),
+            amqp.url_key()
+        )
+    })?;
     // lapin records 0 ("no limit") as u32::MAX, which then keeps the default.
     FRAME_MAX.fetch_min(connection.configuration().frame_max(), Ordering::Relaxed);
     Ok(connection)
+}
+
+/// What failed, where, and what to do, for a URL that does not parse; never the URL.
+fn bad_url_message(amqp: &AmqpConfig, why: &str) -> String {
+    let todo = if amqp.url_file.is_some() {
+        "write it into that file as"
+    } else {
+        "set it as"
+    };
+    let reread = if amqp.url_file.is_some() {
+        "; the file is read again before each connection attempt"
+    } else {
+        ""
+    };
+    format!(
+        "the AMQP URL from {} does not parse: {why}; {todo} {}{reread}",
+        amqp.url_key(),
+        config::AMQP_URL_FORM
+    )
 }
 
 /// Declares the topic exchange, the dead-letter exchange (fanout) and queue, the main
@@ -244,4 +298,46 @@ pub async fn consume(
             )
         })?;
     Ok((channel, consumer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_url_that_does_not_parse_is_reported_without_its_password() {
+        let dir = std::env::temp_dir().join(format!("crisp-bridge-url-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("url");
+        std::fs::write(&file, "amqp:guest:Br0k-unparsed=pw@127.0.0.1:1/%2f\n").unwrap();
+        let amqp = AmqpConfig {
+            url_file: Some(file.clone()),
+            ..AmqpConfig::default()
+        };
+        let text = match connect(&amqp).await {
+            Err(e @ ConnectError::Url(_)) => format!("{e} {e:?}"),
+            Err(e) => panic!("not a URL error: {e}"),
+            Ok(_) => panic!("connected with a URL that does not parse"),
+        };
+        assert!(!text.contains("Br0k-unparsed"), "{text}");
+        assert!(
+            text.contains(&format!("amqp.url_file ({})", file.display()))
+                && text.contains("does not parse")
+                && text.contains("`//` missing"),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn broker_errors_are_scrubbed_of_the_url_they_quote() {
+        let e = BrokerError {
+            what: "connecting".into(),
+            source: std::io::Error::other("Invalid URL: 'amqp:u:Br0k-echoed=pw@h:1/%2f'").into(),
+        };
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains("Br0k-echoed"), "{text}");
+        assert!(text.contains("amqp:u:***@h:1"), "{text}");
+        assert!(std::error::Error::source(&e).is_none());
+    }
 }

@@ -87,6 +87,9 @@ impl Credentials {
         };
         let identifier = read(&self.identifier_file, "identifier");
         let key = read(&self.key_file, "key");
+        for secret in identifier.iter().chain(&key) {
+            crate::config::redact::remember(secret.expose());
+        }
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
         if let Some(i) = identifier {

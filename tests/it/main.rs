@@ -10,6 +10,7 @@ mod failures;
 mod harness;
 mod holds;
 mod hostile;
+mod pipes;
 mod process;
 mod replay;
 mod wire;

@@ -480,7 +480,11 @@ pub fn frames(chunks: &[Chunk], from_client: bool) -> Vec<Frame> {
         ends.push((stream.len(), c.at));
     }
     let mut at = if from_client {
-        assert_eq!(&stream[..8], b"AMQP\x00\x00\x09\x01", "AMQP 0-9-1 protocol header");
+        assert_eq!(
+            &stream[..8],
+            b"AMQP\x00\x00\x09\x01",
+            "AMQP 0-9-1 protocol header"
+        );
         8
     } else {
         0
