@@ -556,11 +556,23 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.
 async fn watch_signals(shutdown: CancellationToken) {
-    let mut first = true;
-    loop {
-        if wait_signal().await.is_err() {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Made once: a signal arriving between two waits on fresh streams would be lost.
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
             tracing::warn!("cannot listen for signals; stop with SIGKILL");
             return;
+        }
+    };
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         if first {
             tracing::info!(
@@ -573,15 +585,4 @@ async fn watch_signals(shutdown: CancellationToken) {
             std::process::exit(130);
         }
     }
-}
-
-async fn wait_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
