@@ -4,11 +4,11 @@
 //!
 //!     cargo build --release && cargo run --release --example bench -- [N] [LATENCY_MS] [CONCURRENCY]
 
-#[path = "support/mod.rs"]
-mod support;
-
+use crisp_bridge_testkit::{
+    amqp_url, auto_profiles, default_bin, eventually_within, free_port, sandbox, Bridge,
+    BrokerClient, Names, TestConfig,
+};
 use std::time::{Duration, Instant};
-use support::*;
 
 #[tokio::main]
 async fn main() {
@@ -20,37 +20,32 @@ async fn main() {
         .map(Into::into)
         .unwrap_or_else(|_| default_bin());
 
-    let url = amqp_url();
+    let url = amqp_url().await;
     let names = Names::new("bench");
-    let sandbox = sandbox().await;
+    let sandbox = sandbox(auto_profiles()).await;
     sandbox.state.set_latency(Duration::from_millis(latency_ms));
-    let port = free_port();
-    let config = write_config(
-        &names,
-        &url,
-        &sandbox.api_url(),
-        port,
-        &format!("concurrency = {concurrency}\ndedup_window = \"10m\""),
-    );
-    let publisher = Publisher::connect(&url).await;
+    let config = TestConfig::load(&url, &names, &sandbox.api_url(), 256)
+        .layer(&format!(
+            "[delivery]\nconcurrency = {concurrency}\ndedup_window = \"10m\""
+        ))
+        .write_temp();
+    let publisher = BrokerClient::connect_to(&url).await;
     publisher.declare(&config).await;
     let people = 1_000;
     let started = Instant::now();
     for seq in 0..n {
         publisher
-            .publish(&names.exchange, "load.event", seq, people)
+            .publish_load(&names.exchange, "load.event", seq, people)
             .await;
     }
     let publish_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let bridge = Bridge::spawn(&bin, &config, port).await;
-    loop {
-        if sandbox.state.event_count() as u64 >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let bridge = Bridge::command(&bin, &config, free_port()).spawn().await;
+    eventually_within(Duration::from_secs(3600), "every event", || async {
+        (sandbox.state.event_count() as u64 >= n).then_some(())
+    })
+    .await;
     let elapsed = started.elapsed().as_secs_f64();
     bridge.stop().await;
     let events = sandbox.state.event_count();

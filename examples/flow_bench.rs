@@ -11,12 +11,12 @@
 //! binary (e.g. an older build, for a same-run baseline; a `CRISP_BRIDGE_` name would be
 //! read as a config override by the bridge).
 
-#[path = "support/mod.rs"]
-mod support;
-
+use crisp_bridge_testkit::{
+    amqp_url, auto_profiles, default_bin, delivered_seqs, free_port, sandbox, Bridge, BrokerClient,
+    Names, TestConfig,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use support::*;
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -43,14 +43,14 @@ async fn main() {
         .map(Into::into)
         .unwrap_or_else(|_| default_bin());
 
-    let url = amqp_url();
+    let url = amqp_url().await;
     let names = Names::new("flowbench");
-    let sandbox = sandbox().await;
+    let sandbox = sandbox(auto_profiles()).await;
     sandbox.state.set_latency(Duration::from_millis(latency_ms));
     sandbox
         .state
         .set_rate_limit((limit > 0).then_some(limit as u32), retry_after);
-    let publisher = Publisher::connect(&url).await;
+    let publisher = BrokerClient::connect_to(&url).await;
     // Enough for the measured stretch at the limit, and for the ramp once it is lifted.
     let n = if limit > 0 {
         limit * (warmup + seconds) * 13 / 10 + limit * 60
@@ -58,27 +58,19 @@ async fn main() {
         20_000
     };
     let people = 1_000;
+    // Every pod reads the same file; each has its own admin port.
+    let config = TestConfig::load(&url, &names, &sandbox.api_url(), 256)
+        .layer("[delivery]\nconcurrency = 32\ndedup_window = \"10m\"\nmax_retry_time = \"5m\"")
+        .write_temp();
+    publisher.declare(&config).await;
+    for seq in 0..n {
+        publisher
+            .publish_load(&names.exchange, "load.event", seq, people)
+            .await;
+    }
     let mut bridges = Vec::new();
-    let mut config = None;
     for _ in 0..pods {
-        let port = free_port();
-        let path = write_config(
-            &names,
-            &url,
-            &sandbox.api_url(),
-            port,
-            "concurrency = 32\ndedup_window = \"10m\"\nmax_retry_time = \"5m\"",
-        );
-        if config.is_none() {
-            publisher.declare(&path).await;
-            for seq in 0..n {
-                publisher
-                    .publish(&names.exchange, "load.event", seq, people)
-                    .await;
-            }
-        }
-        config = Some(path.clone());
-        bridges.push(Bridge::spawn(&bin, &path, port).await);
+        bridges.push(Bridge::command(&bin, &config, free_port()).spawn().await);
     }
     let started = Instant::now();
 
@@ -154,7 +146,5 @@ async fn main() {
         n as f64 / total_s,
     );
     publisher.delete(&names).await;
-    if let Some(config) = config {
-        let _ = std::fs::remove_file(config);
-    }
+    let _ = std::fs::remove_file(config);
 }

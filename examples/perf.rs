@@ -11,13 +11,12 @@
 //! builds with symbols); `PERF_SMAPS_DIR=dir` saves each contender's `/proc/<pid>/smaps`
 //! there before it stops, to see where its memory is.
 
-#[path = "support/mod.rs"]
-mod support;
-
+use crisp_bridge_testkit::{
+    amqp_url, auto_profiles, default_bin, free_port, sandbox, BrokerClient, Names, TestConfig,
+};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::*;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -86,18 +85,15 @@ fn cpu_ticks(pid: u32) -> Option<f64> {
 async fn run_one(kind: Kind, s: &Settings, sandbox: &crisp_bridge::sandbox::Sandbox) -> Figures {
     let names = Names::new("perf");
     let admin_port = free_port();
-    let config = write_config_with_prefetch(
-        &names,
-        &s.url,
-        &sandbox.api_url(),
-        admin_port,
-        "concurrency = 32\ndedup_window = \"10m\"",
-        128,
-    );
-    let publisher = Publisher::connect(&s.url).await;
+    let config = TestConfig::load(&s.url, &names, &sandbox.api_url(), 128)
+        .layer(&format!(
+            "[delivery]\nconcurrency = 32\ndedup_window = \"10m\"\n[server]\nlisten = \"127.0.0.1:{admin_port}\""
+        ))
+        .write_temp();
+    let publisher = BrokerClient::connect_to(&s.url).await;
     publisher.declare(&config).await;
     publisher
-        .publish_many(&names.exchange, "load.event", 0..s.messages, s.people)
+        .publish_load_many(&names.exchange, "load.event", 0..s.messages, s.people)
         .await;
     sandbox.state.clear_received();
 
@@ -205,10 +201,10 @@ async fn main() {
         floor: std::env::var("PERF_FLOOR_BIN")
             .map(Into::into)
             .unwrap_or_else(|_| PathBuf::from(format!("target/{profile}/examples/floor"))),
-        url: amqp_url(),
+        url: amqp_url().await,
         clock_ticks,
     };
-    let sandbox = sandbox().await;
+    let sandbox = sandbox(auto_profiles()).await;
     sandbox
         .state
         .set_latency(Duration::from_millis(s.latency_ms));

@@ -7,50 +7,16 @@
 //! credentials for a few seconds, broker connections cut (a TCP proxy between the
 //! bridge and RabbitMQ), SIGKILL then restart, SIGTERM then restart.
 
-#[path = "support/mod.rs"]
-mod support;
-
 use crisp_bridge::sandbox::Fault;
+use crisp_bridge_testkit::{
+    amqp_url, amqp_url_via, auto_profiles, broker_addr, default_bin, delivered_seqs, free_port,
+    sandbox, Bridge, BrokerClient, Names, Proxy, TestConfig,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::*;
-
-struct Proxy {
-    addr: SocketAddr,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let held = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let task = tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                held.lock().expect("lock").push(task.abort_handle());
-            }
-        });
-        Self { addr, conns }
-    }
-
-    fn cut(&self) {
-        for c in self.conns.lock().expect("lock").drain(..) {
-            c.abort();
-        }
-    }
-}
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -71,33 +37,19 @@ async fn main() {
         .unwrap_or_else(|_| default_bin());
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let url = amqp_url();
-    let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP_URL");
-    let target: SocketAddr =
-        tokio::net::lookup_host(format!("{}:{}", uri.authority.host, uri.authority.port))
-            .await
-            .expect("resolve")
-            .next()
-            .expect("broker address");
-    let proxy = Proxy::start(target).await;
-    let via_proxy = format!(
-        "amqp://{}:{}@{}/%2f",
-        uri.authority.userinfo.username, uri.authority.userinfo.password, proxy.addr
-    );
+    let url = amqp_url().await;
+    let proxy = Proxy::start(broker_addr().await).await;
+    let via_proxy = amqp_url_via(proxy.addr).await;
 
     let names = Names::new("soak");
-    let sandbox = sandbox().await;
+    let sandbox = sandbox(auto_profiles()).await;
     let port = free_port();
-    let config = write_config(
-        &names,
-        &via_proxy,
-        &sandbox.api_url(),
-        port,
-        "concurrency = 16\ninitial_backoff = \"50ms\"\nmax_backoff = \"2s\"\nmax_retry_time = \"20s\"\nshutdown_timeout = \"5s\"",
-    );
-    let publisher = Arc::new(Publisher::connect(&url).await);
+    let config = TestConfig::load(&via_proxy, &names, &sandbox.api_url(), 256)
+        .layer("[delivery]\nconcurrency = 16\ninitial_backoff = \"50ms\"\nmax_backoff = \"2s\"\nmax_retry_time = \"20s\"\nshutdown_timeout = \"5s\"")
+        .write_temp();
+    let publisher = Arc::new(BrokerClient::connect_to(&url).await);
     publisher.declare(&config).await;
-    let mut bridge = Some(Bridge::spawn(&bin, &config, port).await);
+    let mut bridge = Some(Bridge::command(&bin, &config, port).spawn().await);
     println!(
         "soak: {seconds} s at {rate} msg/s, seed {seed}, queue {}",
         names.queue
@@ -120,7 +72,9 @@ async fn main() {
                     _ = stop.notified() => return,
                 }
                 let seq = published.load(Ordering::SeqCst);
-                publisher.publish(&exchange, "load.event", seq, 50).await;
+                publisher
+                    .publish_load(&exchange, "load.event", seq, 50)
+                    .await;
                 published.store(seq + 1, Ordering::SeqCst);
             }
         })
@@ -174,14 +128,14 @@ async fn main() {
                     let mut b = b;
                     let _ = b.child.wait().await;
                 }
-                bridge = Some(Bridge::spawn(&bin, &config, port).await);
+                bridge = Some(Bridge::command(&bin, &config, port).spawn().await);
                 "sigkill_restart"
             }
             _ => {
                 if let Some(b) = bridge.take() {
                     b.stop().await;
                 }
-                bridge = Some(Bridge::spawn(&bin, &config, port).await);
+                bridge = Some(Bridge::command(&bin, &config, port).spawn().await);
                 "sigterm_restart"
             }
         };

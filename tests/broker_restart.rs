@@ -2,11 +2,7 @@
 //! binary, because the restart cuts every connection of the process: cargo runs test
 //! binaries one after another, so no other test sees it.
 
-#[allow(dead_code)]
-#[path = "it/harness.rs"]
-mod harness;
-
-use harness::{BrokerClient, TestApp};
+use crisp_bridge_testkit::{amqp_url, auto_profiles, BrokerClient, TestApp};
 use std::process::Command;
 
 /// The command that drives the broker under test: `TEST_RABBITMQCTL`
@@ -69,7 +65,7 @@ fn ctl_drives(url: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_nothing() {
-    let url = harness::amqp_url().await;
+    let url = amqp_url().await;
     if !ctl_drives(&url) {
         // An explicit ctl that misses the broker is a setup error; without one the broker
         // is not local (a container or a remote AMQP_URL): nothing to restart.
@@ -85,11 +81,10 @@ async fn broker_restart_mid_stream_loses_nothing() {
     }
     let version = rabbitmqctl_output(&["version"]).unwrap_or_default();
     eprintln!("broker restart: RabbitMQ {}", version.trim());
-    let options = crisp_bridge::sandbox::SandboxOptions {
-        auto_create_profiles: true,
-        ..Default::default()
-    };
-    let mut app = TestApp::builder("restart").sandbox(options).start().await;
+    let mut app = TestApp::builder("restart")
+        .sandbox(auto_profiles())
+        .start()
+        .await;
     app.sandbox
         .state
         .set_latency(std::time::Duration::from_millis(20));

@@ -1,8 +1,8 @@
 //! Hostile or odd answers and careless publishers (issues 7 and 8): reused message ids,
 //! redirects, absurd `Retry-After`s, 422s, huge messages, and an outage of any length.
 
-use crate::harness::{auto_profiles, eventually, header, TestApp, TRIAL};
 use crisp_bridge::sandbox::Fault;
+use crisp_bridge_testkit::{auto_profiles, eventually, header, TestApp, TRIAL};
 use lapin::BasicProperties;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

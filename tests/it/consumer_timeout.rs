@@ -3,14 +3,13 @@
 //! `amqp.consumer_timeout` plus one Crisp request, however long its person's earlier
 //! messages take, and what goes back keeps its order.
 
-use crate::harness::{amqp_url_via, auto_profiles, broker_addr, TestApp};
-use crate::wire::{frames, TapProxy};
+use crisp_bridge_testkit::{amqp_url_via, auto_profiles, broker_addr, frames, Proxy, TestApp};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// For each delivery (channel, tag): when the broker delivered it and when the bridge
 /// settled it (ack, nack or reject; `multiple` covers every open tag up to its own).
-fn unsettled_spans(proxy: &TapProxy) -> Vec<(u16, u64, Duration)> {
+fn unsettled_spans(proxy: &Proxy) -> Vec<(u16, u64, Duration)> {
     let chunks = proxy.chunks();
     let mut delivered: BTreeMap<(u16, u64), Instant> = BTreeMap::new();
     for f in frames(&chunks, false) {
@@ -56,7 +55,7 @@ fn unsettled_spans(proxy: &TapProxy) -> Vec<(u16, u64, Duration)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_delivery_waits_past_half_the_consumer_timeout() {
-    let proxy = TapProxy::start(broker_addr().await).await;
+    let proxy = Proxy::tapped(broker_addr().await).await;
     let url = amqp_url_via(proxy.addr).await;
     // A broker consumer timeout of 4 s: hand back after 2 s, a request lasts at most 1 s.
     let mut app = TestApp::builder("consumer-timeout")
@@ -76,6 +75,8 @@ async fn no_delivery_waits_past_half_the_consumer_timeout() {
     }
     let events = app.events(n).await;
     app.stop_with_empty_queues().await;
+    // The spans are read off the first connection: a second would hide deliveries.
+    assert_eq!(proxy.accepted(), 1, "one AMQP connection");
     let texts: Vec<String> = events.iter().map(|e| e.text.clone()).collect();
     let expected: Vec<String> = (0..n).map(|i| format!("trial:p{i:02}")).collect();
     assert_eq!(texts, expected, "every event once, in order");

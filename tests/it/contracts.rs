@@ -1,8 +1,8 @@
 //! Contracts end to end: CloudEvents in both modes through one rule, a plain message
 //! matched by its AMQP `type`, a schema violation dead-lettered with its path.
 
-use crate::harness::{header, TestApp};
 use crisp_bridge::sandbox::SandboxOptions;
+use crisp_bridge_testkit::{header, TestApp};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde_json::json;

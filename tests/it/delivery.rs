@@ -1,7 +1,7 @@
 //! What reaches Crisp, byte for byte, and what ends in which queue.
 
-use crate::harness::{auto_profiles, eventually, header, TestApp, WEBSITE};
 use crisp_bridge::sandbox::Fault;
+use crisp_bridge_testkit::{auto_profiles, eventually, header, TestApp, WEBSITE};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde_json::json;

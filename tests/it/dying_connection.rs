@@ -9,25 +9,21 @@
 //! lapin's tasks run behind a gate, held closed while the connection is cut and the
 //! settlement is issued.
 
-use crate::harness::{amqp_url_via, broker_addr, eventually, BrokerClient, WAIT};
 use async_rs::traits::Executor;
 use async_rs::util::{RuntimeParts, Task};
 use async_rs::{Runtime, Tokio};
 use crisp_bridge::broker::settle::{settle, Settled};
 use crisp_bridge::outcome::{Disposition, RequeueKind};
+use crisp_bridge_testkit::{amqp_url_via, broker_addr, eventually, BrokerClient, Proxy, WAIT};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_issued_as_the_connection_dies_completes_as_stale() {
@@ -59,7 +55,7 @@ async fn settle_as_the_connection_dies(disposition: Disposition) {
         .publish("", &queue, b"{}", BasicProperties::default())
         .await;
 
-    let proxy = HalfCloseProxy::start(broker_addr().await).await;
+    let proxy = Proxy::start(broker_addr().await).await;
     let gate = Gate::default();
     let runtime = Runtime::new(RuntimeParts::new(
         GatedTokio {
@@ -96,11 +92,10 @@ async fn settle_as_the_connection_dies(disposition: Disposition) {
     // lapin's IO thread sees the connection end and queues the error and the stop
     // marker, but its RPC task cannot run yet: the settlement below lands behind both.
     gate.close();
-    let gone = proxy.cut();
-    tokio::time::timeout(WAIT, gone)
+    let closed = tokio::time::timeout(WAIT, proxy.half_close())
         .await
-        .expect("lapin gave the connection up in time")
-        .expect("the proxy saw lapin close its socket");
+        .expect("lapin gave the connection up in time");
+    assert_eq!(closed, 1, "the proxy saw lapin close its socket");
     let mut settling = std::pin::pin!(settle(&channel, "", &delivery, &disposition));
     assert!(
         futures_util::poll!(&mut settling).is_pending(),
@@ -196,75 +191,5 @@ impl Executor for GatedTokio {
         f: F,
     ) -> Task<Self::Task<T>> {
         self.tokio.spawn_blocking(f)
-    }
-}
-
-/// A one-connection proxy to the broker whose cut half-closes the client side (lapin
-/// reads end-of-stream and gives the connection up) and reports when lapin's IO loop has
-/// let go of its socket, which it does only after queueing its stop marker.
-struct HalfCloseProxy {
-    addr: SocketAddr,
-    cut: Option<oneshot::Sender<()>>,
-    gone: Option<oneshot::Receiver<()>>,
-}
-
-impl HalfCloseProxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
-        let addr = listener.local_addr().expect("proxy addr");
-        let (cut, mut cut_rx) = oneshot::channel::<()>();
-        let (gone_tx, gone) = oneshot::channel();
-        tokio::spawn(async move {
-            let Ok((mut client, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(mut broker) = TcpStream::connect(target).await else {
-                return;
-            };
-            let mut up = vec![0u8; 64 * 1024];
-            let mut down = vec![0u8; 64 * 1024];
-            loop {
-                tokio::select! {
-                    _ = &mut cut_rx => break,
-                    n = client.read(&mut up) => match n {
-                        Ok(n) if n > 0 => {
-                            if broker.write_all(&up[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        _ => return,
-                    },
-                    n = broker.read(&mut down) => match n {
-                        Ok(n) if n > 0 => {
-                            if client.write_all(&down[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        _ => return,
-                    },
-                }
-            }
-            drop(broker);
-            let _ = client.shutdown().await;
-            while let Ok(n) = client.read(&mut up).await {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = gone_tx.send(());
-        });
-        Self {
-            addr,
-            cut: Some(cut),
-            gone: Some(gone),
-        }
-    }
-
-    /// Cuts the connection; the receiver fires once lapin closed its end.
-    fn cut(mut self) -> oneshot::Receiver<()> {
-        if let Some(cut) = self.cut.take() {
-            let _ = cut.send(());
-        }
-        self.gone.take().expect("cut once")
     }
 }

@@ -1,9 +1,9 @@
 //! Crisp failing in every way DESIGN lists, and the broker going away.
 
-use crate::harness::{
-    amqp_url_via, auto_profiles, broker_addr, eventually, header, ChaosProxy, TestApp, TRIAL,
-};
 use crisp_bridge::sandbox::{Fault, Sandbox};
+use crisp_bridge_testkit::{
+    amqp_url_via, auto_profiles, broker_addr, eventually, header, Proxy, TestApp, TRIAL,
+};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -197,7 +197,7 @@ async fn graceful_stop_finishes_in_flight_and_requeues_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_cut_mid_stream_loses_nothing() {
-    let proxy = ChaosProxy::start(broker_addr().await).await;
+    let proxy = Proxy::start(broker_addr().await).await;
     let url = amqp_url_via(proxy.addr).await;
     let mut app = TestApp::builder("cut")
         .sandbox(auto_profiles())
@@ -289,7 +289,7 @@ async fn a_message_that_never_gets_through_ends_in_the_dead_letter_queue() {
     });
     app.publish("trial.started", TRIAL).await;
     let others = tokio::spawn({
-        let broker = crate::harness::BrokerClient::connect().await;
+        let broker = crisp_bridge_testkit::BrokerClient::connect().await;
         let exchange = app.names.exchange.clone();
         async move {
             for i in 0.. {

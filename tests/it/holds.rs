@@ -3,8 +3,8 @@
 //! delivery limit, other 4xx hold instead of dead-lettering, a dead-letter copy no queue
 //! takes is never counted as delivered, and shutdown bounds every wait.
 
-use crate::harness::{auto_profiles, eventually, header, TestApp, WAIT};
 use crisp_bridge::sandbox::{Attempt, Fault, Route, RouteStatus};
+use crisp_bridge_testkit::{auto_profiles, eventually, header, TestApp, WAIT};
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -224,7 +224,7 @@ async fn a_deleted_dead_letter_queue_is_declared_again_and_the_copy_kept() {
             .text()
             .await
             .ok()?;
-        crate::harness::metric(
+        crisp_bridge_testkit::metric(
             &body,
             "crisp_bridge_dead_letters_total",
             r#"rule="none",reason="invalid_json""#,
@@ -313,7 +313,8 @@ async fn a_dead_letter_copy_nobody_takes_holds_until_a_queue_does() {
     // Not acked, not back in the queue: the pod keeps it while no queue takes copies.
     assert_eq!(app.broker.ready(&names.queue).await, 0);
     // Nothing is sent while dead letters are blocked.
-    app.publish("trial.started", crate::harness::TRIAL).await;
+    app.publish("trial.started", crisp_bridge_testkit::TRIAL)
+        .await;
     eventually("the event taken by the pod", || async {
         (app.broker.ready(&names.queue).await == 0).then_some(())
     })
@@ -367,7 +368,8 @@ async fn sigterm_during_a_refusal_hold_exits_within_shutdown_timeout() {
         times: 1000,
         ..refused
     });
-    app.publish("trial.started", crate::harness::TRIAL).await;
+    app.publish("trial.started", crisp_bridge_testkit::TRIAL)
+        .await;
     eventually("the trial in flight", || async {
         (app.sandbox.state.pending_faults() == 1).then_some(())
     })

@@ -1,7 +1,7 @@
 //! Hostile input: messages built to break the bridge or the broker connection.
 
-use crate::harness::{header, TestApp, WAIT};
 use crisp_bridge::sandbox::SandboxOptions;
+use crisp_bridge_testkit::{header, TestApp, WAIT};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 

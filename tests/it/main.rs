@@ -1,5 +1,5 @@
 //! One integration-test binary: the bridge against a real RabbitMQ and the Crisp sandbox.
-//! The broker comes from `AMQP_URL` (else testcontainers' RabbitMQ module).
+//! The broker, names, configs and the bridge itself come from `crisp-bridge-testkit`.
 
 mod answers;
 mod consumer_timeout;
@@ -7,9 +7,9 @@ mod contracts;
 mod delivery;
 mod dying_connection;
 mod failures;
-mod harness;
 mod holds;
 mod hostile;
+mod kit;
 mod pipes;
 mod process;
 mod replay;

@@ -1,9 +1,9 @@
 //! `crisp-bridge replay`: dead letters go back to the main exchange once the cause is fixed.
 
-use crate::harness::{amqp_url, config_toml, eventually, header, TestApp};
 use crisp_bridge::config;
 use crisp_bridge::replay::{replay, Selection};
 use crisp_bridge::sandbox::{Fault, SandboxOptions};
+use crisp_bridge_testkit::{eventually, header, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_selected_dead_letters_and_keeps_the_rest_in_order() {
@@ -49,8 +49,9 @@ async fn replays_selected_dead_letters_and_keeps_the_rest_in_order() {
     }
     assert!(app.sandbox.state.events().is_empty());
 
-    let toml = config_toml(&amqp_url().await, &app.names, "http://127.0.0.1:1/v1", "");
-    let amqp = config::from_toml_str(&toml).expect("config").amqp;
+    let amqp = config::from_toml_str(&app.config.merged_toml())
+        .expect("config")
+        .amqp;
     let by_reason = |dry_run| Selection {
         reasons: vec!["crisp_rejected".into()],
         dry_run,
@@ -105,8 +106,9 @@ async fn a_dead_letter_whose_routing_key_matches_no_binding_is_kept_not_lost() {
         (app.broker.ready(&app.names.dlq).await == 1).then_some(())
     })
     .await;
-    let toml = config_toml(&amqp_url().await, &app.names, "http://127.0.0.1:1/v1", "");
-    let amqp = config::from_toml_str(&toml).expect("config").amqp;
+    let amqp = config::from_toml_str(&app.config.merged_toml())
+        .expect("config")
+        .amqp;
     let selection = Selection {
         reasons: vec!["invalid_json".into()],
         ..Default::default()

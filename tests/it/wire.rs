@@ -6,6 +6,7 @@ use crisp_bridge::config::{CrispConfig, Secret};
 use crisp_bridge::crisp::{CrispClient, Failure};
 use crisp_bridge::route::CrispEvent;
 use crisp_bridge::sandbox::{Sandbox, SandboxOptions, DEFAULT_WEBSITE_ID};
+use crisp_bridge_testkit::{frames, Chunk};
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -370,149 +371,6 @@ async fn the_sandbox_refuses_what_a_strict_server_refuses() {
         .contains(&"Authorization: Basic <redacted, 40 bytes>".to_owned()));
 }
 
-/// A TCP proxy in front of the broker that keeps every byte of its one connection, each
-/// chunk with the time it passed and its direction.
-pub struct TapProxy {
-    pub addr: SocketAddr,
-    chunks: std::sync::Arc<std::sync::Mutex<Vec<Chunk>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-/// Bytes that passed the tap at once.
-#[derive(Clone)]
-pub struct Chunk {
-    pub at: std::time::Instant,
-    /// Sent by the client (the bridge), else by the broker.
-    pub from_client: bool,
-    pub bytes: Vec<u8>,
-}
-
-impl TapProxy {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("tap bind");
-        let addr = listener.local_addr().expect("tap addr");
-        let chunks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = chunks.clone();
-        let accept = tokio::spawn(async move {
-            // One connection is all the bridge opens here (a second would mean it lost
-            // the first: tests see that as a failure to deliver).
-            let Ok((inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(outbound) = TcpStream::connect(target).await else {
-                return;
-            };
-            let (client_read, client_write) = inbound.into_split();
-            let (broker_read, broker_write) = outbound.into_split();
-            let down = tokio::spawn(relay(broker_read, client_write, kept.clone(), false));
-            relay(client_read, broker_write, kept, true).await;
-            down.abort();
-        });
-        Self {
-            addr,
-            chunks,
-            accept,
-        }
-    }
-
-    pub fn chunks(&self) -> Vec<Chunk> {
-        self.chunks.lock().expect("tap lock").clone()
-    }
-}
-
-async fn relay(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    kept: std::sync::Arc<std::sync::Mutex<Vec<Chunk>>>,
-    from_client: bool,
-) {
-    let mut buffer = vec![0u8; 64 * 1024];
-    while let Ok(n) = from.read(&mut buffer).await {
-        if n == 0 {
-            break;
-        }
-        // Recorded before it is passed on, so a reply never precedes its cause.
-        kept.lock().expect("tap lock").push(Chunk {
-            at: std::time::Instant::now(),
-            from_client,
-            bytes: buffer[..n].to_vec(),
-        });
-        if to.write_all(&buffer[..n]).await.is_err() {
-            break;
-        }
-    }
-}
-
-impl Drop for TapProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-/// One AMQP frame read off a tapped stream: its type, channel, payload, and when its
-/// last byte passed the tap.
-pub struct Frame {
-    pub kind: u8,
-    pub channel: u16,
-    pub payload: Vec<u8>,
-    pub at: std::time::Instant,
-}
-
-impl Frame {
-    /// `(class, method)` of a method frame.
-    pub fn method(&self) -> Option<(u16, u16)> {
-        (self.kind == 1 && self.payload.len() >= 4).then(|| {
-            (
-                u16::from_be_bytes([self.payload[0], self.payload[1]]),
-                u16::from_be_bytes([self.payload[2], self.payload[3]]),
-            )
-        })
-    }
-}
-
-/// The frames of one direction of a tapped connection (the client's starts with the
-/// 8-byte protocol header).
-pub fn frames(chunks: &[Chunk], from_client: bool) -> Vec<Frame> {
-    let mut stream = Vec::new();
-    let mut ends = Vec::new();
-    for c in chunks.iter().filter(|c| c.from_client == from_client) {
-        stream.extend_from_slice(&c.bytes);
-        ends.push((stream.len(), c.at));
-    }
-    let mut at = if from_client {
-        assert_eq!(
-            &stream[..8],
-            b"AMQP\x00\x00\x09\x01",
-            "AMQP 0-9-1 protocol header"
-        );
-        8
-    } else {
-        0
-    };
-    let mut out = Vec::new();
-    while at + 7 <= stream.len() {
-        let size = u32::from_be_bytes(stream[at + 3..at + 7].try_into().expect("4 bytes")) as usize;
-        let end = at + 7 + size + 1;
-        if end > stream.len() {
-            break; // a frame still being written
-        }
-        assert_eq!(stream[end - 1], 0xCE, "frame end octet at {at}");
-        let passed = ends
-            .iter()
-            .find(|(len, _)| *len >= end)
-            .map(|(_, t)| *t)
-            .expect("a chunk ends after the frame");
-        out.push(Frame {
-            kind: stream[at],
-            channel: u16::from_be_bytes([stream[at + 1], stream[at + 2]]),
-            payload: stream[at + 7..at + 7 + size].to_vec(),
-            at: passed,
-        });
-        at = end;
-    }
-    out
-}
-
 /// Every `basic.ack` frame the client sent: (raw frame, delivery tag, multiple).
 fn basic_acks(chunks: &[Chunk]) -> Vec<(Vec<u8>, u64, bool)> {
     frames(chunks, true)
@@ -536,8 +394,8 @@ fn basic_acks(chunks: &[Chunk]) -> Vec<(Vec<u8>, u64, bool)> {
 /// missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_on_the_wire_cover_each_delivery_once_in_batches() {
-    use crate::harness::{amqp_url_via, auto_profiles, broker_addr, TestApp};
-    let proxy = TapProxy::start(broker_addr().await).await;
+    use crisp_bridge_testkit::{amqp_url_via, auto_profiles, broker_addr, Proxy, TestApp};
+    let proxy = Proxy::tapped(broker_addr().await).await;
     let url = amqp_url_via(proxy.addr).await;
     let mut app = TestApp::builder("acks-wire")
         .sandbox(auto_profiles())
@@ -548,6 +406,8 @@ async fn acks_on_the_wire_cover_each_delivery_once_in_batches() {
     app.publish_people(n as usize).await;
     app.events_for_people(n as usize).await;
     app.stop_with_empty_queues().await;
+    // A second connection would mean the bridge lost its first one.
+    assert_eq!(proxy.accepted(), 1, "one AMQP connection");
 
     let acks = basic_acks(&proxy.chunks());
     let mut acked = std::collections::BTreeSet::new();
