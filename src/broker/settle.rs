@@ -1,5 +1,6 @@
-//! Step 6: act on a delivery's [`Disposition`]: ack, dead-letter (publish with the
-//! `x-crisp-bridge-*` headers, wait for the broker's confirm, then ack), or requeue.
+//! Step 6: act on a delivery's [`Disposition`] one by one: dead-letter (publish with the
+//! `x-crisp-bridge-*` headers, wait for the broker's confirm, then ack), or requeue. Plain
+//! acks are batched per channel (`acks`).
 
 use crate::outcome::{mask_emails, DeadLetter, Disposition, RequeueKind};
 use crate::telemetry::metrics;
@@ -45,20 +46,39 @@ pub enum Settled {
     DeadLetterReturned,
 }
 
+/// What [`settle`] can do to a delivery. Acks are not among them: they go through
+/// [`Acks`](super::acks::Acks), batched.
+#[derive(Debug, Clone, Copy)]
+pub enum Settlement<'a> {
+    Requeue(RequeueKind),
+    DeadLetter(&'a DeadLetter),
+}
+
+impl<'a> Settlement<'a> {
+    /// The settlement a disposition asks for; `None` for an ack.
+    pub fn of(disposition: &'a Disposition) -> Option<Self> {
+        match disposition {
+            Disposition::Ack { .. } => None,
+            Disposition::Requeue(kind) => Some(Self::Requeue(*kind)),
+            Disposition::DeadLetter(dl) => Some(Self::DeadLetter(dl)),
+        }
+    }
+}
+
 /// How often a pending settlement looks whether its channel ended meanwhile. Settling
 /// normally takes well under a millisecond, so this only paces the rare wait on a
 /// connection that just died.
 const CHANNEL_CHECK: Duration = Duration::from_millis(50);
 
-/// Carries out `disposition`; returns promptly, as [`Settled::Stale`], when the
+/// Carries out `settlement`; returns promptly, as [`Settled::Stale`], when the
 /// delivery's channel ends before the broker took the decision.
 pub async fn settle(
     channel: &Channel,
     dead_letter_exchange: &str,
     delivery: &Delivery,
-    disposition: &Disposition,
+    settlement: Settlement<'_>,
 ) -> Settled {
-    let settling = settle_on_live_channel(channel, dead_letter_exchange, delivery, disposition);
+    let settling = settle_on_live_channel(channel, dead_letter_exchange, delivery, settlement);
     match unless_channel_ended(delivery, settling).await {
         Some(settled) => settled,
         None => stale(),
@@ -114,18 +134,17 @@ async fn settle_on_live_channel(
     channel: &Channel,
     dead_letter_exchange: &str,
     delivery: &Delivery,
-    disposition: &Disposition,
+    settlement: Settlement<'_>,
 ) -> Settled {
-    let result = match disposition {
-        Disposition::Ack { .. } => delivery.acker.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue(RequeueKind::RetriesExhausted) => {
+    let result = match settlement {
+        Settlement::Requeue(RequeueKind::RetriesExhausted) => {
             delivery
                 .acker
                 .reject(BasicRejectOptions { requeue: true })
                 .await
         }
-        Disposition::Requeue(RequeueKind::NotNow) => requeue_not_now(delivery).await,
-        Disposition::DeadLetter(dl) => {
+        Settlement::Requeue(RequeueKind::NotNow) => requeue_not_now(delivery).await,
+        Settlement::DeadLetter(dl) => {
             return dead_letter(channel, dead_letter_exchange, delivery, dl).await
         }
     };

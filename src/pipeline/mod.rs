@@ -14,7 +14,7 @@ pub use fate::{fate, FateSettings, Happened};
 pub use flow::{Flow, FlowState};
 
 use crate::broker::acks::Acks;
-use crate::broker::settle::{settle, Settled};
+use crate::broker::settle::{settle, Settled, Settlement};
 use crate::config::{AmqpConfig, DeliveryConfig};
 use crate::crisp::{CrispClient, Failure};
 use crate::decode::{decode, Incoming};
@@ -430,16 +430,20 @@ impl Pipeline {
             unmatched: self.settings.delivery.unmatched,
         };
         let mut disposition = fate(happened, settings);
-        if let Disposition::Ack { .. } = disposition {
+        match Settlement::of(&disposition) {
             // Sent by the session's flusher, usually with others (`multiple`).
-            acks.ack(delivery.delivery_tag);
-        } else {
-            // Boxed: the rare path's future (a dead letter's publish and confirm) would
-            // otherwise size every lane's task.
-            disposition =
-                Box::pin(self.settle_rare(acks, delivery, disposition, hand_back_at)).await;
-            // Only now may a batch cover the tags above this one.
-            acks.settled(delivery.delivery_tag);
+            None => acks.ack(delivery.delivery_tag),
+            Some(settlement) => {
+                // Boxed: the rare path's future (a dead letter's publish and confirm)
+                // would otherwise size every lane's task.
+                let replaced =
+                    Box::pin(self.settle_rare(acks, delivery, settlement, hand_back_at)).await;
+                // Only now may a batch cover the tags above this one.
+                acks.settled(delivery.delivery_tag);
+                if let Some(requeue) = replaced {
+                    disposition = requeue;
+                }
+            }
         }
         let outcome = match &disposition {
             Disposition::Ack { delivered: true } => Outcome::Delivered,
@@ -457,14 +461,15 @@ impl Pipeline {
         }
     }
 
-    /// Settles a dead letter or a requeue; returns what was done in the end.
+    /// Settles a dead letter or a requeue; returns the requeue done instead, if it came
+    /// to that.
     async fn settle_rare(
         &self,
         acks: &Acks,
         delivery: &Delivery,
-        disposition: Disposition,
+        settlement: Settlement<'_>,
         hand_back_at: Instant,
-    ) -> Disposition {
+    ) -> Option<Disposition> {
         let channel = acks.channel();
         let exchange = &self.settings.dead_letter_exchange;
         let settings = FateSettings {
@@ -473,17 +478,19 @@ impl Pipeline {
         let mut redeclared = false;
         let mut blocked_attempt = 0u32;
         loop {
-            match settle(channel, exchange, delivery, &disposition).await {
+            match settle(channel, exchange, delivery, settlement).await {
                 Settled::Done | Settled::Stale => {
                     if blocked_attempt > 0 && self.flow.unblock_dead_letters() {
                         tracing::info!(exchange = %exchange, "a queue takes dead-letter copies again; resuming");
                     }
-                    return disposition;
+                    return None;
                 }
                 Settled::DeadLetterFailed => {
                     let requeue = fate(Happened::DeadLetterUnconfirmed, settings);
-                    settle(channel, exchange, delivery, &requeue).await;
-                    return requeue;
+                    if let Some(settlement) = Settlement::of(&requeue) {
+                        settle(channel, exchange, delivery, settlement).await;
+                    }
+                    return Some(requeue);
                 }
                 Settled::DeadLetterReturned => {}
             }
@@ -516,8 +523,10 @@ impl Pipeline {
                 // Stopping, or held as long as the consumer timeout allows: back to
                 // the queue, uncounted; the next attempt is the next delivery's.
                 let requeue = fate(Happened::NotStarted, settings);
-                settle(channel, exchange, delivery, &requeue).await;
-                return requeue;
+                if let Some(settlement) = Settlement::of(&requeue) {
+                    settle(channel, exchange, delivery, settlement).await;
+                }
+                return Some(requeue);
             }
         }
     }

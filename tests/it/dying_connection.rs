@@ -1,4 +1,5 @@
-//! Settling a delivery at the moment its connection dies.
+//! Settling a delivery at the moment its connection dies, by each path the bridge settles
+//! through: batched acks ([`Acks`]) and one-by-one settlements ([`settle`]).
 //!
 //! lapin hands an ack, nack or reject to its internal RPC task. When the connection
 //! dies, the IO loop queues "connection error" and then a stop marker for that task; a
@@ -12,8 +13,9 @@
 use async_rs::traits::Executor;
 use async_rs::util::{RuntimeParts, Task};
 use async_rs::{Runtime, Tokio};
-use crisp_bridge::broker::settle::{settle, Settled};
-use crisp_bridge::outcome::{Disposition, RequeueKind};
+use crisp_bridge::broker::acks::Acks;
+use crisp_bridge::broker::settle::{settle, Settled, Settlement};
+use crisp_bridge::outcome::RequeueKind;
 use crisp_bridge_testkit::{amqp_url_via, broker_addr, eventually, BrokerClient, Proxy, WAIT};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
@@ -27,20 +29,29 @@ use std::task::{Context, Poll, Waker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_issued_as_the_connection_dies_completes_as_stale() {
-    settle_as_the_connection_dies(Disposition::Ack { delivered: true }).await;
+    settle_as_the_connection_dies(Way::Ack).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeue_issued_as_the_connection_dies_completes_as_stale() {
-    settle_as_the_connection_dies(Disposition::Requeue(RequeueKind::NotNow)).await;
+    settle_as_the_connection_dies(Way::Settle(RequeueKind::NotNow)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reject_issued_as_the_connection_dies_completes_as_stale() {
-    settle_as_the_connection_dies(Disposition::Requeue(RequeueKind::RetriesExhausted)).await;
+    settle_as_the_connection_dies(Way::Settle(RequeueKind::RetriesExhausted)).await;
 }
 
-async fn settle_as_the_connection_dies(disposition: Disposition) {
+/// How the delivery is settled: as the bridge acks (marked ready, sent by the channel's
+/// [`Acks`], here as the session ends), or one by one. `Acks` sends `basic.ack` on the
+/// channel, whose frame goes straight to the IO loop rather than behind the RPC task's
+/// stop marker, so it must complete whether or not the channel-closed guard fires.
+enum Way {
+    Ack,
+    Settle(RequeueKind),
+}
+
+async fn settle_as_the_connection_dies(way: Way) {
     let broker = BrokerClient::connect().await;
     let queue = format!("t.dying.{}", uuid::Uuid::new_v4().simple());
     let mut args = FieldTable::default();
@@ -89,6 +100,9 @@ async fn settle_as_the_connection_dies(disposition: Disposition) {
         .expect("a delivery")
         .expect("a delivery, not an error");
 
+    let acks = Acks::new(channel.clone(), 1);
+    acks.received(delivery.delivery_tag);
+
     // lapin's IO thread sees the connection end and queues the error and the stop
     // marker, but its RPC task cannot run yet: the settlement below lands behind both.
     gate.close();
@@ -96,16 +110,33 @@ async fn settle_as_the_connection_dies(disposition: Disposition) {
         .await
         .expect("lapin gave the connection up in time");
     assert_eq!(closed, 1, "the proxy saw lapin close its socket");
-    let mut settling = std::pin::pin!(settle(&channel, "", &delivery, &disposition));
-    assert!(
-        futures_util::poll!(&mut settling).is_pending(),
-        "nothing can have settled yet"
-    );
-    gate.open();
-    let settled = tokio::time::timeout(WAIT, settling)
-        .await
-        .expect("the settlement never completed after its connection died");
-    assert_eq!(settled, Settled::Stale);
+    match way {
+        Way::Ack => {
+            acks.ack(delivery.delivery_tag);
+            let mut closing = std::pin::pin!(acks.close());
+            assert!(
+                futures_util::poll!(&mut closing).is_pending(),
+                "nothing can have been acked yet"
+            );
+            gate.open();
+            tokio::time::timeout(WAIT, closing)
+                .await
+                .expect("the ack never completed after its connection died");
+        }
+        Way::Settle(kind) => {
+            let mut settling =
+                std::pin::pin!(settle(&channel, "", &delivery, Settlement::Requeue(kind)));
+            assert!(
+                futures_util::poll!(&mut settling).is_pending(),
+                "nothing can have settled yet"
+            );
+            gate.open();
+            let settled = tokio::time::timeout(WAIT, settling)
+                .await
+                .expect("the settlement never completed after its connection died");
+            assert_eq!(settled, Settled::Stale);
+        }
+    }
     // Nothing is lost: the broker requeued the message when the connection ended.
     eventually("the message back in the queue", || async {
         (broker.ready(&queue).await == 1).then_some(())
