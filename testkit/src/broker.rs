@@ -81,7 +81,7 @@ pub async fn amqp_url_via(addr: SocketAddr) -> String {
 /// A client of the broker under test, with publisher confirms: publish, read queues,
 /// declare and delete a topology.
 pub struct BrokerClient {
-    _connection: Connection,
+    connection: Connection,
     pub channel: Channel,
 }
 
@@ -101,7 +101,7 @@ impl BrokerClient {
             .await
             .expect("confirms");
         Self {
-            _connection: connection,
+            connection,
             channel,
         }
     }
@@ -192,6 +192,26 @@ impl BrokerClient {
             .await
             .expect("passive declare")
             .message_count()
+    }
+
+    /// Whether `queue` exists, asked on a channel of its own: a passive declare of a
+    /// missing queue closes the channel it was sent on.
+    pub async fn exists(&self, queue: &str) -> bool {
+        let Ok(channel) = self.connection.create_channel().await else {
+            return false;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .is_ok();
+        if found {
+            let _ = channel.close(200, "probe done".into()).await;
+        }
+        found
     }
 
     /// Takes one message from a queue and acks it.
