@@ -302,14 +302,16 @@ async fn a_rotated_key_file_is_picked_up_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_all_exported_from_start_with_help() {
-    let mut app = TestApp::builder("metrics-start").start().await;
-    app.wait_ready(200).await;
-    let body = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
+    // A child process: in this one every in-process app shares one recorder, so samples
+    // other tests caused would pass for samples exported from start.
+    let env = TestApp::builder("metrics-start").env().await;
+    let mut bridge = env
+        .spawn(
+            std::path::Path::new(env!("CARGO_BIN_EXE_crisp-bridge")),
+            &[],
+        )
+        .await;
+    let body = bridge.metrics().await;
     for name in [
         "crisp_bridge_messages_total",
         "crisp_bridge_dead_letters_total",
@@ -341,5 +343,6 @@ async fn metrics_are_all_exported_from_start_with_help() {
         r#"crisp_bridge_build_info{{version="{}",revision="#,
         env!("CARGO_PKG_VERSION")
     )));
-    app.stop().await;
+    bridge.signal("TERM");
+    assert!(bridge.wait_exit().await.success());
 }
