@@ -5,7 +5,7 @@
 //!     cargo build --release && cargo run --release --example bench -- [N] [LATENCY_MS] [CONCURRENCY]
 
 use crisp_bridge_testkit::{
-    amqp_url, auto_profiles, default_bin, eventually_within, free_port, sandbox, Bridge,
+    amqp_url, auto_profiles, bin_from_env, eventually_within, free_port, sandbox, Bridge,
     BrokerClient, Names, TestConfig,
 };
 use std::time::{Duration, Instant};
@@ -16,9 +16,7 @@ async fn main() {
     let n: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let latency_ms: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
     let concurrency: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(32);
-    let bin = std::env::var("CRISP_BRIDGE_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|_| default_bin());
+    let bin = bin_from_env("CRISP_BRIDGE_BIN");
 
     let url = amqp_url().await;
     let names = Names::new("bench");

@@ -12,19 +12,11 @@
 //! read as a config override by the bridge).
 
 use crisp_bridge_testkit::{
-    amqp_url, auto_profiles, default_bin, delivered_seqs, free_port, sandbox, Bridge, BrokerClient,
-    Names, TestConfig,
+    amqp_url, arg, auto_profiles, bin_from_env, delivered_seqs, free_port, sandbox, Bridge,
+    BrokerClient, Names, TestConfig,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn is_event_post(a: &crisp_bridge::sandbox::Attempt) -> bool {
     a.method == "POST" && a.path.contains("/people/events/")
@@ -39,9 +31,7 @@ async fn main() {
     let warmup = arg(&args, "--warmup", 5);
     let seconds = arg(&args, "--seconds", 20);
     let retry_after = arg(&args, "--retry-after", 0) == 1;
-    let bin = std::env::var("FLOW_BENCH_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|_| default_bin());
+    let bin = bin_from_env("FLOW_BENCH_BIN");
 
     let url = amqp_url().await;
     let names = Names::new("flowbench");

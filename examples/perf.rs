@@ -12,7 +12,7 @@
 //! there before it stops, to see where its memory is.
 
 use crisp_bridge_testkit::{
-    amqp_url, auto_profiles, default_bin, free_port, sandbox, BrokerClient, Names, TestConfig,
+    amqp_url, arg, auto_profiles, bin_from_env, free_port, sandbox, BrokerClient, Names, TestConfig,
 };
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -53,15 +53,6 @@ struct Settings {
     floor: PathBuf,
     url: String,
     clock_ticks: f64,
-}
-
-/// The value after the last `name` (so arguments after scripts/perf.sh's defaults win).
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .rposition(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// A `/proc/<pid>/status` field in KiB.
@@ -195,9 +186,7 @@ async fn main() {
         latency_ms: arg(&args, "--latency-ms", 0),
         people: arg(&args, "--people", 1_000),
         // Not CRISP_BRIDGE_*: the bridge would read that as a config key and refuse it.
-        bridge: std::env::var("PERF_BRIDGE_BIN")
-            .map(Into::into)
-            .unwrap_or_else(|_| default_bin()),
+        bridge: bin_from_env("PERF_BRIDGE_BIN"),
         floor: std::env::var("PERF_FLOOR_BIN")
             .map(Into::into)
             .unwrap_or_else(|_| PathBuf::from(format!("target/{profile}/examples/floor"))),

@@ -9,8 +9,8 @@
 
 use crisp_bridge::sandbox::Fault;
 use crisp_bridge_testkit::{
-    amqp_url, amqp_url_via, auto_profiles, broker_addr, default_bin, delivered_seqs, free_port,
-    sandbox, Bridge, BrokerClient, Names, Proxy, TestConfig,
+    amqp_url, amqp_url_via, arg, auto_profiles, bin_from_env, broker_addr, delivered_seqs,
+    free_port, sandbox, Bridge, BrokerClient, Names, Proxy, TestConfig,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
@@ -18,23 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds", 180);
     let rate = arg(&args, "--rate", 40).max(1);
     let seed = arg(&args, "--seed", rand::random::<u32>() as u64);
-    let bin = std::env::var("CRISP_BRIDGE_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|_| default_bin());
+    let bin = bin_from_env("CRISP_BRIDGE_BIN");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let url = amqp_url().await;

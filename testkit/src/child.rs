@@ -24,6 +24,22 @@ pub fn default_bin() -> PathBuf {
     PathBuf::from(format!("target/{profile}/crisp-bridge"))
 }
 
+/// The binary named by the environment variable `var`, else [`default_bin`]. (Not a
+/// `CRISP_BRIDGE_*` name where the child inherits it: the bridge reads those as config.)
+pub fn bin_from_env(var: &str) -> PathBuf {
+    std::env::var_os(var).map_or_else(default_bin, PathBuf::from)
+}
+
+/// The number after the last `name` in `args`, else `default` (so a script's defaults
+/// can be overridden by arguments after them).
+pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .rposition(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// How to start a child bridge: [`Bridge::command`], then [`BridgeCommand::spawn`].
 pub struct BridgeCommand {
     command: tokio::process::Command,

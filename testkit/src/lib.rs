@@ -15,7 +15,7 @@ pub use broker::{
     amqp_url, amqp_url_via, broker_addr, delete_topology, header, load_message, BrokerClient,
     DEFAULT_RABBITMQ_IMAGE,
 };
-pub use child::{default_bin, free_port, Bridge, BridgeCommand};
+pub use child::{arg, bin_from_env, default_bin, free_port, Bridge, BridgeCommand};
 pub use config::{Names, TestConfig, LOAD_RULES, RULES};
 pub use proxy::{frames, Chunk, Frame, Proxy};
 
