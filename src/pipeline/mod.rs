@@ -8,18 +8,20 @@ mod flow;
 mod lanes;
 mod limit;
 mod pacing;
+mod triage;
 
 pub use backoff::{Backoff, Jitter};
-pub use fate::{fate, FateSettings, Happened};
+pub use fate::{fate, unmatched_detail, FateSettings, Happened};
 pub use flow::{CrispRoute, Flow, FlowState};
+pub use triage::{triage, Triaged};
 
 use crate::broker::acks::Acks;
 use crate::broker::settle::{settle, Settled};
 use crate::config::{AmqpConfig, DeliveryConfig};
 use crate::crisp::{CrispClient, Failure};
-use crate::decode::{decode, Incoming};
-use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason};
-use crate::route::{Mapped, Routed, Router};
+use crate::decode::Incoming;
+use crate::outcome::{mask_people_id, Disposition};
+use crate::route::{Mapped, Router};
 use crate::telemetry::metrics::{self, Outcome, NO_RULE};
 use dedup::Dedup;
 use flow::Retry;
@@ -134,50 +136,21 @@ impl Pipeline {
     pub fn handle(self: &Arc<Self>, acks: Arc<Acks>, delivery: Delivery) {
         acks.received(delivery.delivery_tag);
         let hand_back_at = Instant::now() + self.settings.hand_back_after;
-        let max = self.settings.max_message_bytes;
-        let mut id = None;
-        let decision = if delivery.data.len() > max {
-            Routed::Invalid(DeadLetter::new(
-                Reason::TooLarge,
-                format!(
-                    "body is {} bytes, over amqp.max_message_bytes ({max}); not parsed",
-                    delivery.data.len()
-                ),
-                None,
-            ))
-        } else {
-            match decode(&Incoming::from_delivery(&delivery)) {
-                Ok(decoded) => {
-                    id.clone_from(&decoded.id);
-                    self.router
-                        .route_decoded(delivery.routing_key.as_str(), &decoded)
+        let triaged = triage(
+            &self.router,
+            self.settings.max_message_bytes,
+            delivery.routing_key.as_str(),
+            &Incoming::from_delivery(&delivery),
+        );
+        let (mapped, id) = match triaged {
+            Triaged::Event { mapped, id } => (mapped, id),
+            Triaged::Done(happened) => {
+                let rule = match &happened {
+                    Happened::Invalid(dl) => dl.rule.clone(),
+                    _ => None,
                 }
-                Err(dl) => Routed::Invalid(dl),
-            }
-        };
-        let mapped = match decision {
-            Routed::Event(mapped) => mapped,
-            Routed::Unmatched => {
-                let happened = Happened::Unmatched {
-                    routing_key: delivery.routing_key.to_string(),
-                };
-                return self.settle_in_background(
-                    acks,
-                    delivery,
-                    NO_RULE.into(),
-                    happened,
-                    hand_back_at,
-                );
-            }
-            Routed::Invalid(dl) => {
-                let rule = dl.rule.clone().unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(
-                    acks,
-                    delivery,
-                    rule,
-                    Happened::Invalid(dl),
-                    hand_back_at,
-                );
+                .unwrap_or_else(|| NO_RULE.into());
+                return self.settle_in_background(acks, delivery, rule, happened, hand_back_at);
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
