@@ -448,10 +448,7 @@ mod tests {
                 "missing {key} in\n{joined}"
             );
         }
-        assert!(
-            joined.contains("rules[0] `bad`") && joined.contains("rules[1] `bad`"),
-            "{joined}"
-        );
+        assert!(joined.matches("rule `bad`").count() >= 2, "{joined}");
     }
 
     #[test]
