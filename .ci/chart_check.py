@@ -566,7 +566,7 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
                 and order.get("data") == {"order_id": "/id", "total": "/amount/total", "currency": "/amount/currency"})
         return good, json.dumps(list(rules.values()))
 
-    attempt("default rules: DESIGN's order-created example plus trial-started", default_rules_ok)
+    attempt("default rules: the README's order-created example plus trial-started", default_rules_ok)
 
     # Checksums roll the pods.
     defaults = {**copy.deepcopy(defaults), **copy.deepcopy(CI_SECRETS)}

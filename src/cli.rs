@@ -1,9 +1,9 @@
-//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `test`, `replay`,
+//! The command line (`docs/contract.md`, "Command line"): `run`, `check`, `map`, `test`, `replay`,
 //! `sandbox`.
 
 use crate::config::{self, Problem};
 use crate::contract::capture::{self, CaptureError};
-use crate::contract::{test_file, Message, Offline, Outcome};
+use crate::contract::{test_file, Message, Offline, Verdict};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::{app::App, telemetry};
 use clap::{Parser, Subcommand};
@@ -348,7 +348,7 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
     };
     let mut out = Out::new(false);
     let (lines, code) = match offline.evaluate(&message) {
-        Outcome::Deliver(m) => {
+        Verdict::Deliver(m) => {
             let mut lines = vec![
                 format!("POST {}", offline.url(&m)),
                 "Content-Type: application/json".to_owned(),
@@ -378,8 +378,8 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
             }
             (lines, ExitCode::SUCCESS)
         }
-        Outcome::Skip(detail) => (vec![format!("skipped: {detail}")], ExitCode::SUCCESS),
-        Outcome::DeadLetter(dl) => {
+        Verdict::Skip(detail) => (vec![format!("skipped: {detail}")], ExitCode::SUCCESS),
+        Verdict::DeadLetter(dl) => {
             let rule = dl
                 .rule
                 .as_deref()
@@ -424,7 +424,7 @@ fn map_capture(path: Option<PathBuf>, input: &str, format: Format) -> ExitCode {
     let name = if input == "-" { "stdin" } else { input };
     let result = capture::try_for_each(reader, name, |line, message| {
         let outcome = offline.evaluate(&message);
-        if matches!(outcome, Outcome::DeadLetter(_)) {
+        if matches!(outcome, Verdict::DeadLetter(_)) {
             dead += 1;
         }
         let text = match format {

@@ -2,8 +2,8 @@
 //!
 //! Each lapin ack travels through lapin's internal RPC task, a task spawned per ack and
 //! a wake of the IO thread, and each is one settle command for the broker (a Raft
-//! command on a quorum queue): per message, that was a visible share of the bridge's CPU
-//! (issue 10). Here a delivery whose fate is an ack is only marked *ready*; one flusher
+//! command on a quorum queue): per message, that was a visible share of the bridge's CPU.
+//! Here a delivery whose fate is an ack is only marked *ready*; one flusher
 //! task per channel sends `basic.ack` with `multiple` for the longest run of ready tags
 //! below the oldest delivery still open. While one batch is being written, the next
 //! gathers, so batches grow with load and cost nothing when idle (group commit).

@@ -1,4 +1,4 @@
-//! Contracts (DESIGN "Contracts"): what the bridge would do with a message, offline — the
+//! Contracts: what the bridge would do with a message, offline — the
 //! same decode → route → map as `run`, without broker or network. `map` (one message or a
 //! capture of JSON lines, [`capture`]) and `test` (TOML test files, [`test_file`]) use it.
 
@@ -37,19 +37,19 @@ pub struct Properties {
 
 /// What the bridge would do with one message.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Verdict {
     Deliver(Mapped),
     /// Acked without a Crisp call (no rule matched and `delivery.unmatched = "ack"`).
     Skip(String),
     DeadLetter(DeadLetter),
 }
 
-impl Outcome {
+impl Verdict {
     pub fn code(&self) -> &'static str {
         match self {
-            Outcome::Deliver(_) => "deliver",
-            Outcome::Skip(_) => "skip",
-            Outcome::DeadLetter(_) => "dead_letter",
+            Verdict::Deliver(_) => "deliver",
+            Verdict::Skip(_) => "skip",
+            Verdict::DeadLetter(_) => "dead_letter",
         }
     }
 }
@@ -84,7 +84,7 @@ impl Offline {
 
     /// decode → route → map, and the fate of what does not reach Crisp: the very path
     /// `run` takes before delivering.
-    pub fn evaluate(&self, message: &Message) -> Outcome {
+    pub fn evaluate(&self, message: &Message) -> Verdict {
         let p = &message.properties;
         let mut incoming = Incoming::new(&message.body);
         incoming.content_type = p.content_type.as_deref();
@@ -99,7 +99,7 @@ impl Offline {
             &message.routing_key,
             &incoming,
         ) {
-            Triaged::Event { mapped, .. } => return Outcome::Deliver(mapped),
+            Triaged::Event { mapped, .. } => return Verdict::Deliver(mapped),
             Triaged::Done(happened) => happened,
         };
         let why = match &happened {
@@ -113,12 +113,12 @@ impl Offline {
             unmatched: self.unmatched,
         };
         match fate(happened, settings) {
-            Disposition::DeadLetter(dl) => Outcome::DeadLetter(dl),
+            Disposition::DeadLetter(dl) => Verdict::DeadLetter(dl),
             Disposition::Ack { .. } => {
-                Outcome::Skip(format!("{why} (delivery.unmatched = \"ack\")"))
+                Verdict::Skip(format!("{why} (delivery.unmatched = \"ack\")"))
             }
             // Nothing before a Crisp call is requeued.
-            Disposition::Requeue(_) => Outcome::Skip(format!("{why} (requeued)")),
+            Disposition::Requeue(_) => Verdict::Skip(format!("{why} (requeued)")),
         }
     }
 
@@ -132,17 +132,17 @@ impl Offline {
         )
     }
 
-    /// The result line of `map --format json` (DESIGN "Contracts").
-    pub fn json_line(&self, line: usize, outcome: &Outcome) -> Value {
+    /// The result line of `map --format json`.
+    pub fn json_line(&self, line: usize, outcome: &Verdict) -> Value {
         let (rule, request, reason, detail) = match outcome {
-            Outcome::Deliver(m) => (
+            Verdict::Deliver(m) => (
                 Some(m.rule.to_string()),
                 Some(json!({"method": "POST", "url": self.url(m), "body": m.event})),
                 None,
                 None,
             ),
-            Outcome::Skip(detail) => (None, None, None, Some(detail.clone())),
-            Outcome::DeadLetter(dl) => (
+            Verdict::Skip(detail) => (None, None, None, Some(detail.clone())),
+            Verdict::DeadLetter(dl) => (
                 dl.rule.clone(),
                 None,
                 Some(dl.reason.code()),
@@ -160,16 +160,16 @@ impl Offline {
     }
 
     /// One readable line for `map --input --format text`.
-    pub fn text_line(&self, line: usize, outcome: &Outcome) -> String {
+    pub fn text_line(&self, line: usize, outcome: &Verdict) -> String {
         match outcome {
-            Outcome::Deliver(m) => format!(
+            Verdict::Deliver(m) => format!(
                 "line {line}: deliver (rule {}) POST {} {}",
                 m.rule,
                 self.url(m),
                 serde_json::to_string(&m.event).unwrap_or_default()
             ),
-            Outcome::Skip(detail) => format!("line {line}: skip: {detail}"),
-            Outcome::DeadLetter(dl) => format!(
+            Verdict::Skip(detail) => format!("line {line}: skip: {detail}"),
+            Verdict::DeadLetter(dl) => format!(
                 "line {line}: dead_letter {}: {}{}",
                 dl.reason.code(),
                 dl.detail,

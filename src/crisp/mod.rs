@@ -113,7 +113,7 @@ pub struct CrispClient {
     http: reqwest::Client,
     website_url: String,
     /// `{website_url}/people/events/`, parsed once: parsing the whole URL (scheme, host,
-    /// IDNA) for every event was a visible part of the CPU per message (issue 10).
+    /// IDNA) for every event was a visible part of the CPU per message.
     /// `None` when it does not parse; then each request parses, and fails, as before.
     events_url: Option<reqwest::Url>,
     credentials: Arc<Credentials>,

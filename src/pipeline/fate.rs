@@ -1,5 +1,5 @@
 //! A message's fate, decided in one place from what happened to it: the rows of the
-//! DESIGN "What happens to a message" table, as one pure function.
+//! "What happens to a message" table of `docs/contract.md`, as one pure function.
 
 use crate::config::Unmatched;
 use crate::outcome::{DeadLetter, Disposition, Reason, RequeueKind};

@@ -745,7 +745,7 @@ impl Flow {
     }
 
     /// A dead-letter copy found no queue: nothing is sent until one is taken, or until
-    /// no blocked copy waits any more (the returned [`DeadLetterBlock`] is one waiting).
+    /// no blocked copy waits any more (the returned `DeadLetterBlock` is one waiting).
     pub fn block_dead_letters(&self) -> DeadLetterBlock<'_> {
         let mut began = false;
         self.published.send_if_modified(|p| {

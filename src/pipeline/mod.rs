@@ -22,7 +22,7 @@ use crate::crisp::{CrispClient, Failure};
 use crate::decode::Incoming;
 use crate::outcome::{mask_people_id, Disposition};
 use crate::route::{Mapped, Router};
-use crate::telemetry::metrics::{self, Outcome, NO_RULE};
+use crate::telemetry::metrics::{self, MessageOutcome, NO_RULE};
 use dedup::Dedup;
 use flow::Retry;
 use futures_util::FutureExt;
@@ -499,20 +499,20 @@ impl Pipeline {
             acks.settled(delivery.delivery_tag);
         }
         let outcome = match &disposition {
-            Disposition::Ack { delivered: true } => Outcome::Delivered,
-            Disposition::Ack { delivered: false } => Outcome::Skipped,
+            Disposition::Ack { delivered: true } => MessageOutcome::Delivered,
+            Disposition::Ack { delivered: false } => MessageOutcome::Skipped,
             Disposition::DeadLetter(dl) => {
                 metrics::dead_letter(rule, dl.reason.code());
                 tracing::warn!(reason = dl.reason.code(), rule, detail = %dl.detail, "dead-lettered a message");
-                Outcome::DeadLettered
+                MessageOutcome::DeadLettered
             }
-            Disposition::Requeue(_) => Outcome::Requeued,
+            Disposition::Requeue(_) => MessageOutcome::Requeued,
         };
         metrics::message(rule, outcome);
-        if outcome != Outcome::Requeued {
+        if outcome != MessageOutcome::Requeued {
             metrics::message_age(delivery.properties.timestamp().as_ref().copied());
         }
-        outcome == Outcome::Requeued
+        outcome == MessageOutcome::Requeued
     }
 
     /// Settles a dead letter or a requeue; returns what was done in the end.

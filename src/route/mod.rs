@@ -47,7 +47,7 @@ pub struct Router {
     max_data_keys: usize,
     /// Rule indices by their pattern's first word when it is a literal, and the rules whose
     /// pattern starts with `*` or `#`: a routing key is tried only against rules that can
-    /// match its first word, so 1,000 rules cost a hash lookup, not 1,000 matches (issue 10).
+    /// match its first word, so 1,000 rules cost a hash lookup, not 1,000 matches.
     by_first_word: HashMap<String, Vec<usize>>,
     wildcard_first: Vec<usize>,
 }

@@ -1,4 +1,4 @@
-//! Event schemas (DESIGN "Contracts"): a rule may name a JSON Schema (draft 2020-12) that
+//! Event schemas (`docs/contract.md`): a rule may name a JSON Schema (draft 2020-12) that
 //! what its pointers see must satisfy. Compiled once at start-up; `check` also refuses a
 //! rule pointer the schema rules out.
 

@@ -1,4 +1,4 @@
-//! The Crisp routes crisp-bridge uses, answered the way `shared/CRISP_API.md` says Crisp
+//! The Crisp routes crisp-bridge uses, answered the way `docs/crisp-api.md` says Crisp
 //! answers them.
 
 use super::raw::{raw_lines, RAW_LINES_HEADER, SINGLETON_HEADERS, VIOLATION_HEADER};

@@ -1,6 +1,6 @@
 //! `crisp-bridge sandbox`: a local stand-in for the Crisp REST API routes crisp-bridge
 //! uses, in memory. Same auth (Basic + `X-Crisp-Tier`), envelope and error codes as
-//! `shared/CRISP_API.md`; it percent-decodes people ids like a real server, and keeps
+//! `docs/crisp-api.md`; it percent-decodes people ids like a real server, and keeps
 //! what it received so users and tests can read it back (`GET /_sandbox/events`) and
 //! inject faults (`POST /_sandbox/faults`).
 
