@@ -225,12 +225,9 @@ pub fn main() -> ExitCode {
 }
 
 async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> ExitCode {
-    let loaded = match config::load(path.as_deref()) {
+    let loaded = match load(path.as_deref(), ExitCode::FAILURE) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let amqp = &loaded.amqp;
     match crate::replay::replay(amqp, &selection).await {
@@ -274,6 +271,14 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
     }
 }
 
+/// Loads the config, or says why it cannot and gives `failure` to exit with.
+fn load(path: Option<&std::path::Path>, failure: ExitCode) -> Result<config::Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        failure
+    })
+}
+
 fn print_problems(problems: &[Problem]) {
     eprintln!("config has {} problem(s):", problems.len());
     for p in problems {
@@ -282,12 +287,9 @@ fn print_problems(problems: &[Problem]) {
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {
-    let loaded = match config::load(path.as_deref()) {
+    let loaded = match load(path.as_deref(), ExitCode::FAILURE) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match config::validate(loaded) {
         Ok(v) => {
@@ -311,13 +313,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 
 /// Loads the config and compiles only the rules: trying rules needs no credentials.
 fn offline(path: Option<PathBuf>) -> Option<(config::Config, Offline)> {
-    let loaded = match config::load(path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return None;
-        }
-    };
+    let loaded = load(path.as_deref(), ExitCode::FAILURE).ok()?;
     match Offline::from_config(&loaded) {
         Ok(offline) => Some((loaded, offline)),
         Err(problems) => {
@@ -497,12 +493,9 @@ fn test(path: Option<PathBuf>, files: &[PathBuf]) -> ExitCode {
 }
 
 async fn run(path: Option<PathBuf>) -> ExitCode {
-    let loaded = match config::load(path.as_deref()) {
+    let loaded = match load(path.as_deref(), ExitCode::from(EXIT_CONFIG)) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     telemetry::init_logging(&loaded.log);
     let validated = match config::validate(loaded) {
