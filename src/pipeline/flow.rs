@@ -401,7 +401,7 @@ impl Flow {
                 route: CrispRoute::Events,
                 answered: false,
             };
-            let throttled = self.lock().learned.is_some();
+            let throttled = self.lock().throttled();
             // Read first: the write lock is only needed when it changes, which is rare.
             if self.published.borrow().throttled != throttled {
                 self.published.send_if_modified(|p| {
