@@ -175,7 +175,7 @@ impl Session {
             .await;
     }
 
-    async fn connect(&self) -> Result<Connection, broker::BrokerError> {
+    async fn connect(&self) -> Result<Connection, broker::ConnectError> {
         let amqp = &self.config.amqp;
         let connection = broker::connect(amqp).await?;
         if amqp.declare {

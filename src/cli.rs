@@ -223,7 +223,13 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The TLS files as the first connection would read them (run retries instead).
+    let tls_problems = config::tls_file_problems(&loaded);
     match config::validate(loaded) {
+        Ok(_) if !tls_problems.is_empty() => {
+            print_problems(&tls_problems);
+            ExitCode::FAILURE
+        }
         Ok(v) => {
             let names: Vec<&str> = v.router.rule_names().collect();
             println!(
@@ -236,7 +242,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(problems) => {
+        Err(mut problems) => {
+            problems.extend(tls_problems);
             print_problems(&problems);
             ExitCode::FAILURE
         }

@@ -3,6 +3,7 @@
 
 pub mod acks;
 pub mod settle;
+pub mod tls;
 
 use crate::config::{AmqpConfig, QueueType};
 use lapin::options::{
@@ -52,16 +53,72 @@ impl<T> Context<T> for Result<T, lapin::Error> {
     }
 }
 
-pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, BrokerError> {
+/// Why no connection could be opened: the broker side, or TLS (files or handshake).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot use the TLS files for RabbitMQ (retrying, they are read again at each attempt): {0}")]
+    TlsFiles(#[from] tls::TlsFileError),
+    #[error("TLS with RabbitMQ at {host}:{port} failed: {reason}")]
+    Handshake {
+        host: String,
+        port: u16,
+        reason: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
     // Read again before each connection: a rotated `amqp.url_file` is picked up.
-    let connection = Connection::connect(amqp.current_url().expose(), properties)
-        .await
-        .context(|| "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".into())?;
+    let url = amqp.current_url();
+    let context = || "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".to_owned();
+    // Read again before each connection too: cert-manager rotates them.
+    let tls_config = match &amqp.tls {
+        Some(files) => tls::load(files)?,
+        None => Default::default(),
+    };
+    let client_cert = tls_config.identity.is_some();
+    let runtime = lapin::runtime::default_runtime().context(context)?;
+    let connecting = Connection::connect_with_config(url.expose(), properties, tls_config, runtime);
+    let connection = match connecting.await {
+        Ok(connection) => connection,
+        Err(source) => {
+            let (host, port) = host_port(url.expose());
+            let reason = url
+                .expose()
+                .starts_with("amqps://")
+                .then(|| tls::describe_failure(&source, &host, client_cert))
+                .flatten();
+            return Err(match reason {
+                Some(reason) => ConnectError::Handshake {
+                    host,
+                    port,
+                    reason,
+                    source,
+                },
+                None => BrokerError {
+                    what: context(),
+                    source,
+                }
+                .into(),
+            });
+        }
+    };
     // lapin records 0 ("no limit") as u32::MAX, which then keeps the default.
     FRAME_MAX.fetch_min(connection.configuration().frame_max(), Ordering::Relaxed);
     Ok(connection)
+}
+
+/// The host and port of an AMQP URL, for messages (never the user info).
+fn host_port(url: &str) -> (String, u16) {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => (uri.authority.host, uri.authority.port),
+        Err(_) => ("[unparseable url]".into(), 0),
+    }
 }
 
 /// Declares the topic exchange, the dead-letter exchange (fanout) and queue, the main
