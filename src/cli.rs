@@ -97,6 +97,12 @@ enum Command {
         /// default answers 404 people_not_found)
         #[arg(long)]
         auto_create_profiles: bool,
+        /// Serve HTTPS with this PEM certificate chain (needs --tls-key)
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -149,6 +155,8 @@ pub fn main() -> ExitCode {
             website_ids,
             tier,
             auto_create_profiles,
+            tls_cert,
+            tls_key,
         } => {
             let options = SandboxOptions {
                 identifier,
@@ -156,6 +164,12 @@ pub fn main() -> ExitCode {
                 tier,
                 website_ids,
                 auto_create_profiles,
+                tls: tls_cert.zip(tls_key).map(|(cert_file, key_file)| {
+                    crate::sandbox::SandboxTls {
+                        cert_file,
+                        key_file,
+                    }
+                }),
             };
             runtime.block_on(sandbox(listen, options))
         }
@@ -461,7 +475,7 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
     let sandbox = match Sandbox::start(listen, options).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot listen on {listen}: {e}");
+            eprintln!("error: cannot start the sandbox on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -61,7 +61,7 @@ impl TlsFileError {
 pub fn load(tls: &AmqpTlsConfig) -> Result<OwnedTLSConfig, TlsFileError> {
     let mut config = OwnedTLSConfig::default();
     if let Some(path) = tls.ca() {
-        let bytes = read("amqp.tls.ca_file", path)?;
+        let bytes = read_pem("amqp.tls.ca_file", path)?;
         certificates("amqp.tls.ca_file", path, &bytes)?;
         // Kept as text: lapin takes the CA bundle as a PEM string.
         config.cert_chain = Some(String::from_utf8(bytes).map_err(|_| TlsFileError::BadPem {
@@ -71,9 +71,9 @@ pub fn load(tls: &AmqpTlsConfig) -> Result<OwnedTLSConfig, TlsFileError> {
         })?);
     }
     if let (Some(cert_path), Some(key_path)) = (tls.cert(), tls.key()) {
-        let pem_bytes = read("amqp.tls.cert_file", cert_path)?;
+        let pem_bytes = read_pem("amqp.tls.cert_file", cert_path)?;
         let chain = certificates("amqp.tls.cert_file", cert_path, &pem_bytes)?;
-        let key_bytes = read("amqp.tls.key_file", key_path)?;
+        let key_bytes = read_pem("amqp.tls.key_file", key_path)?;
         let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| match e {
             pem::Error::NoItemsFound => TlsFileError::NoKey {
                 path: key_path.to_owned(),
@@ -97,7 +97,15 @@ pub fn load(tls: &AmqpTlsConfig) -> Result<OwnedTLSConfig, TlsFileError> {
     Ok(config)
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
+/// A PEM bundle of CA certificates, checked to hold at least one (also `crisp.ca_file`).
+pub fn read_ca_bundle(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    let bytes = read_pem(key, path)?;
+    certificates(key, path, &bytes)?;
+    Ok(bytes)
+}
+
+/// A PEM file's bytes, at most [`MAX_PEM_BYTES`].
+pub fn read_pem(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
     let read_error = |source| TlsFileError::Read {
         key,
         path: path.to_owned(),

@@ -76,6 +76,7 @@ impl Config {
             &mut self.amqp.url_file,
             &mut self.crisp.identifier_file,
             &mut self.crisp.key_file,
+            &mut self.crisp.ca_file,
         ]
         .into_iter()
         .chain(
@@ -291,6 +292,12 @@ pub struct CrispConfig {
     pub key_file: Option<PathBuf>,
     /// Base URL of the REST API, up to and including `/v1`.
     pub api_url: String,
+    /// PEM bundle of CA certificates trusted for `api_url` besides the system's (a
+    /// TLS-inspecting egress proxy). Relative to the config file; read at start.
+    pub ca_file: Option<PathBuf>,
+    /// Proxy for Crisp requests, like `http://proxy:3128` (HTTPS goes through CONNECT).
+    /// Empty: `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` and `NO_PROXY` from the environment.
+    pub proxy: Secret,
     /// Token tier sent as `X-Crisp-Tier`.
     pub tier: Tier,
     /// Timeout of one Crisp request.
@@ -310,6 +317,8 @@ impl Default for CrispConfig {
             identifier_file: None,
             key_file: None,
             api_url: "https://api.crisp.chat/v1".into(),
+            ca_file: None,
+            proxy: Secret::new(""),
             tier: Tier::Plugin,
             timeout: Duration::from_secs(10),
             create_missing_profiles: false,

@@ -163,6 +163,27 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
         ),
         Some(_) => {}
     }
+    if !crisp.proxy.is_blank() {
+        let proxy = reqwest::Url::parse(crisp.proxy.expose()).ok();
+        if !proxy.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+            bad(
+                "crisp.proxy",
+                format!(
+                    "`{}` is not a proxy URL like http://proxy:3128; leave it empty to use HTTPS_PROXY / NO_PROXY",
+                    hide_userinfo(crisp.proxy.expose())
+                ),
+            );
+        }
+    }
+    if let Some(path) = crisp
+        .ca_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        if let Err(e) = crate::broker::tls::read_ca_bundle("crisp.ca_file", path) {
+            bad("crisp.ca_file", e.to_string());
+        }
+    }
     if crisp.timeout.is_zero() {
         bad("crisp.timeout", "is 0; use something like \"10s\"".into());
     }
@@ -427,6 +448,36 @@ mod tests {
         let config = with(&amqps, "ca_file = \"\"\ncert_file = \"\"\n");
         assert!(tls_file_problems(&config).is_empty());
         assert!(validate(config).is_ok());
+    }
+
+    #[test]
+    fn crisp_proxy_and_ca_file_are_checked_without_printing_proxy_passwords() {
+        let with = |crisp: &str| {
+            let toml = OK.replace("key = \"k\"", &format!("key = \"k\"\n{crisp}"));
+            let mut config = from_toml_str(&toml).unwrap();
+            config.resolve_relative_paths(std::path::Path::new("/etc/cb"));
+            validate(config)
+        };
+        assert!(with("proxy = \"\"").is_ok());
+        assert!(with("proxy = \"http://proxy.internal:3128\"").is_ok());
+        let problems = with("proxy = \"proxy:3128:x\"").unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.key == "crisp.proxy"),
+            "{problems:?}"
+        );
+        let problems = with("proxy = \"ftp://user:hunter2@proxy\"").unwrap_err();
+        let text = format!("{problems:?}");
+        assert!(
+            text.contains("crisp.proxy") && !text.contains("hunter2"),
+            "{text}"
+        );
+        let problems = with("ca_file = \"egress-ca.crt\"").unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "crisp.ca_file" && p.message.contains("/etc/cb/egress-ca.crt")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod failures;
 mod harness;
 mod hostile;
 mod process;
+mod proxy;
 mod replay;
 mod tls;
 mod wire;

@@ -15,15 +15,15 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncReadExt;
 
 /// What scripts/ensure-rabbitmq-tls.sh exported.
-struct TlsEnv {
-    dir: PathBuf,
-    amqps: String,
-    plain: String,
+pub struct TlsEnv {
+    pub dir: PathBuf,
+    pub amqps: String,
+    pub plain: String,
     mtls_amqps: String,
     mtls_plain: String,
 }
 
-fn tls_env() -> TlsEnv {
+pub fn tls_env() -> TlsEnv {
     let var = |name: &str| {
         std::env::var(name).unwrap_or_else(|_| {
             panic!(
@@ -43,30 +43,42 @@ fn tls_env() -> TlsEnv {
 }
 
 /// One test's queues on a TLS node, its sandbox, a folder for its TLS files and config.
-struct Setup {
+pub struct Setup {
     names: Names,
-    sandbox: Sandbox,
+    pub sandbox: Sandbox,
     plain_url: String,
     channel: Channel,
     _connection: Connection,
-    dir: PathBuf,
+    pub dir: PathBuf,
     config: PathBuf,
 }
 
 impl Setup {
     /// `tls` is the `[amqp.tls]` table's body, paths relative to the test's folder.
     async fn new(test: &str, amqps_url: &str, plain_url: &str, tls: &str) -> Self {
+        let sandbox = SandboxOptions {
+            auto_create_profiles: true,
+            ..Default::default()
+        };
+        Self::with(test, amqps_url, plain_url, tls, sandbox, "").await
+    }
+
+    /// [`Self::new`] with sandbox options and `crisp` keys (TOML lines) of its own.
+    pub async fn with(
+        test: &str,
+        amqps_url: &str,
+        plain_url: &str,
+        tls: &str,
+        sandbox: SandboxOptions,
+        crisp: &str,
+    ) -> Self {
         let names = Names::new(test);
-        let sandbox = Sandbox::start(
-            "127.0.0.1:0".parse().expect("addr"),
-            SandboxOptions {
-                auto_create_profiles: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("sandbox");
+        let sandbox = Sandbox::start("127.0.0.1:0".parse().expect("addr"), sandbox)
+            .await
+            .expect("sandbox");
+        let api_url = format!("api_url = \"{}\"\n", sandbox.api_url());
         let toml = config_toml(amqps_url, &names, &sandbox.api_url(), RULES)
+            .replace(&api_url, &format!("{api_url}{crisp}\n"))
             + &format!("\n[amqp.tls]\n{tls}");
         let dir = std::env::temp_dir().join(format!("crisp-bridge-{}", names.queue));
         std::fs::create_dir_all(&dir).expect("test folder");
@@ -75,10 +87,10 @@ impl Setup {
 
         // The bridge's own topology, declared over the plain port, so messages published
         // before it ever connects are queued, not unroutable.
-        let validated = crisp_bridge::config::validate(
-            crisp_bridge::config::from_toml_str(&toml).expect("config parses"),
-        )
-        .expect("config validates");
+        let parsed = crisp_bridge::config::from_toml_str(&toml).expect("config parses");
+        // Only the rules: the TLS files are installed after this, on purpose at times.
+        let router =
+            crisp_bridge::route::Router::compile_in(&parsed.rules, &dir).expect("rules compile");
         let connection = Connection::connect(plain_url, ConnectionProperties::default())
             .await
             .expect("test connection to the TLS node's plain port");
@@ -87,13 +99,9 @@ impl Setup {
             .confirm_select(Default::default())
             .await
             .expect("confirms");
-        crisp_bridge::broker::declare_topology(
-            &channel,
-            &validated.config.amqp,
-            &validated.router.patterns(),
-        )
-        .await
-        .expect("declare topology");
+        crisp_bridge::broker::declare_topology(&channel, &parsed.amqp, &router.patterns())
+            .await
+            .expect("declare topology");
         Self {
             names,
             sandbox,
@@ -107,13 +115,13 @@ impl Setup {
 
     /// Copies `from` (in TEST_TLS_DIR) to `to` (in the test's folder) by a rename, as a
     /// Secret update swaps files.
-    fn install(&self, env: &TlsEnv, from: &str, to: &str) {
+    pub fn install(&self, env: &TlsEnv, from: &str, to: &str) {
         let staged = self.dir.join(format!(".{to}.new"));
         std::fs::copy(env.dir.join(from), &staged).expect("copy TLS file");
         std::fs::rename(&staged, self.dir.join(to)).expect("rename TLS file");
     }
 
-    async fn publish_trials(&self, n: usize) {
+    pub async fn publish_trials(&self, n: usize) {
         for i in 0..n {
             let body =
                 serde_json::json!({"email": format!("tls{i}@example.com"), "phase": "started"})
@@ -153,7 +161,7 @@ impl Setup {
             .message_count()
     }
 
-    async fn all_delivered(&self, n: usize) {
+    pub async fn all_delivered(&self, n: usize) {
         let state = self.sandbox.state.clone();
         eventually(&format!("{n} people's events at the sandbox"), || {
             let events = state.events();
@@ -167,6 +175,11 @@ impl Setup {
     }
 
     fn spawn(&self) -> Bridge {
+        self.spawn_with(&[], &[])
+    }
+
+    /// [`Self::spawn`] with environment variables set and removed.
+    pub fn spawn_with(&self, set: &[(&str, &str)], remove: &[&str]) -> Bridge {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -182,6 +195,12 @@ impl Setup {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        for name in remove {
+            cmd.env_remove(name);
+        }
+        for (name, value) in set {
+            cmd.env(name, value);
+        }
         let mut child = cmd.spawn().expect("spawn crisp-bridge");
         let output = Arc::new(Mutex::new(Vec::new()));
         for mut stream in [
@@ -215,14 +234,14 @@ impl Drop for Setup {
     }
 }
 
-struct Bridge {
+pub struct Bridge {
     child: tokio::process::Child,
     admin: SocketAddr,
     output: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Bridge {
-    fn output(&self) -> String {
+    pub fn output(&self) -> String {
         String::from_utf8_lossy(&self.output.lock().expect("log")).into_owned()
     }
 
@@ -233,7 +252,7 @@ impl Bridge {
         }
     }
 
-    async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) {
         eventually("/readyz to answer 200", || async {
             (self.readyz().await == 200).then_some(())
         })
