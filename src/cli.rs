@@ -479,7 +479,7 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(api_url = %sandbox.api_url(), events = %format!("http://{}/_sandbox/events", sandbox.addr), "Crisp sandbox listening");
+    tracing::info!(api_url = %sandbox.api_url(), events = %format!("{}/_sandbox/events", sandbox.api_url().trim_end_matches("/v1")), "Crisp sandbox listening");
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(stop.clone()));
     stop.cancelled().await;

@@ -16,7 +16,7 @@ const MAX_PEM_BYTES: u64 = 1024 * 1024;
 /// A `[amqp.tls]` file that cannot serve, with its key and path.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
-    #[error("cannot read {key} {}: {source}; mount the file or fix the path (relative paths start at the config file's folder)", path.display())]
+    #[error("cannot read {key} {}: {source}{}", path.display(), read_advice(key))]
     Read {
         key: &'static str,
         path: PathBuf,
@@ -42,6 +42,15 @@ pub enum TlsFileError {
         key: PathBuf,
         detail: String,
     },
+}
+
+/// What to do about an unreadable file named by a config key (not by a command-line flag).
+fn read_advice(key: &str) -> &'static str {
+    if key.starts_with("--") {
+        ""
+    } else {
+        "; mount the file or fix the path (relative paths start at the config file's folder)"
+    }
 }
 
 impl TlsFileError {
