@@ -77,6 +77,11 @@ impl Setup {
             .await
             .expect("sandbox");
         let api_url = format!("api_url = \"{}\"\n", sandbox.api_url());
+        let base = config_toml(amqps_url, &names, &sandbox.api_url(), RULES);
+        assert!(
+            base.contains(&api_url),
+            "the test config lost its api_url line"
+        );
         let toml = config_toml(amqps_url, &names, &sandbox.api_url(), RULES)
             .replace(&api_url, &format!("{api_url}{crisp}\n"))
             + &format!("\n[amqp.tls]\n{tls}");
