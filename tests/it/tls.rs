@@ -82,8 +82,7 @@ impl Setup {
             base.contains(&api_url),
             "the test config lost its api_url line"
         );
-        let toml = config_toml(amqps_url, &names, &sandbox.api_url(), RULES)
-            .replace(&api_url, &format!("{api_url}{crisp}\n"))
+        let toml = base.replace(&api_url, &format!("{api_url}{crisp}\n"))
             + &format!("\n[amqp.tls]\n{tls}");
         let dir = std::env::temp_dir().join(format!("crisp-bridge-{}", names.queue));
         std::fs::create_dir_all(&dir).expect("test folder");
