@@ -13,8 +13,8 @@ use std::sync::Arc;
 /// Readiness latches: ready = broker connected AND consuming AND Crisp not refusing us.
 #[derive(Debug)]
 pub struct Health {
-    pub broker_connected: AtomicBool,
-    pub consuming: AtomicBool,
+    broker_connected: AtomicBool,
+    consuming: AtomicBool,
     /// Read only: the flow component owns its state.
     flow: Arc<Flow>,
 }
@@ -44,13 +44,10 @@ impl Health {
         } else if flow == FlowState::Refused {
             Some("Crisp refuses our credentials, plan or website id, or redirects us (check crisp.api_url)")
         } else if matches!(flow, FlowState::Held { .. }) {
-            Some(
-                "holding: Crisp keeps rate limiting us (daily quota?); messages wait in the broker",
-            )
-        } else if !self.consuming.load(Ordering::Acquire)
-            // An outage pauses consuming, but a restart would not help: stay ready.
-            && flow != FlowState::Outage
-        {
+            Some("holding: Crisp keeps rate limiting us (daily quota?); messages wait")
+        } else if flow == FlowState::DeadLettersBlocked {
+            Some("dead-letter copies find no queue (amqp.dead_letter_queue missing?)")
+        } else if !self.consuming.load(Ordering::Acquire) {
             Some("not consuming")
         } else {
             None

@@ -3,17 +3,19 @@
 use crate::admin::{self, Health};
 use crate::broker;
 use crate::broker::acks::Acks;
-use crate::config::{redact_url, Config, Validated};
+use crate::config::{Config, Validated};
 use crate::crisp::CrispClient;
-use crate::pipeline::{FlowState, Pipeline, PipelineSettings};
+use crate::pipeline::{Backoff, Jitter, Pipeline, PipelineSettings};
 use crate::telemetry::metrics;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
 use lapin::{Connection, Consumer};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Longest wait for the broker to answer a close; the process exits regardless.
@@ -21,14 +23,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest wait between two broker connection attempts.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Why a consuming session ended.
-enum SessionEnd {
-    Shutdown,
-    /// Crisp refuses us, or a rate-limit hold began.
-    Paused,
-    BrokerLost(String),
-}
 
 pub struct App {
     config: Arc<Config>,
@@ -58,9 +52,11 @@ impl App {
                 create_missing_profiles: config.crisp.create_missing_profiles,
                 dead_letter_exchange: config.amqp.dead_letter_exchange.clone(),
                 max_message_bytes: config.amqp.max_message_bytes,
+                hand_back_after: config.amqp.consumer_timeout / 2,
+                redeclare: config.amqp.declare.then(|| Arc::new(config.amqp.clone())),
             },
         );
-        let health = Arc::new(Health::new(Arc::clone(&pipeline.flow)));
+        let health = Arc::new(Health::new(pipeline.flow()));
         Ok(Self {
             config: Arc::new(config),
             pipeline,
@@ -73,10 +69,6 @@ impl App {
         self.admin
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-    }
-
-    pub fn health(&self) -> Arc<Health> {
-        Arc::clone(&self.health)
     }
 
     /// Runs until `shutdown` is cancelled, then stops in order: stop consuming, requeue
@@ -113,6 +105,7 @@ impl App {
             config: Arc::clone(&self.config),
             pipeline: Arc::clone(&self.pipeline),
             health: Arc::clone(&self.health),
+            stopping_since: OnceLock::new(),
         };
         session.run(&shutdown).await;
         admin_stop.cancel();
@@ -128,11 +121,24 @@ struct Session {
     config: Arc<Config>,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
+    /// When shutdown began (every wait after it is bounded from here).
+    stopping_since: OnceLock<Instant>,
+}
+
+/// How a consuming session ended.
+enum SessionEnd {
+    /// Shutdown began; this is when `shutdown_timeout` runs out.
+    Shutdown,
+    BrokerLost(String),
 }
 
 impl Session {
     async fn run(&self, shutdown: &CancellationToken) {
-        let amqp = &self.config.amqp;
+        let reconnects = Backoff {
+            initial: Duration::from_secs(1),
+            max: MAX_RECONNECT_BACKOFF,
+            jitter: Jitter::Equal,
+        };
         let mut attempt: u32 = 0;
         while !shutdown.is_cancelled() {
             let connected = tokio::select! {
@@ -144,10 +150,10 @@ impl Session {
                 Err(e) => {
                     metrics::broker_connect(false);
                     self.health.set_broker(false);
-                    let wait =
-                        Duration::from_secs(1u64 << attempt.min(5)).min(MAX_RECONNECT_BACKOFF);
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs(), url = %redact_url(amqp.url.expose()), "cannot connect to RabbitMQ; retrying");
+                    let wait = reconnects.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    // The error names the URL (its password masked) and the key it came from.
+                    tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = shutdown.cancelled() => break,
@@ -157,22 +163,36 @@ impl Session {
             metrics::broker_connect(true);
             attempt = 0;
             self.health.set_broker(true);
-            let lost = self.consume_until_lost(&connection, shutdown).await;
+            let end = self.consume(&connection, shutdown).await;
             self.health.set_broker(false);
-            match lost {
-                None => {
+            match end {
+                SessionEnd::Shutdown => {
+                    // Whatever is left of the second after shutdown_timeout.
                     let closing = connection.close(200, "crisp-bridge stopping".into());
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+                    let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
                     return;
                 }
-                Some(why) => {
+                SessionEnd::BrokerLost(why) => {
                     tracing::warn!(error = %why, "lost the broker connection; reconnecting (unacked messages return to the queue)")
                 }
             }
         }
+        // Stopped while not connected: deliveries of the lost connection went back to
+        // the queue already; lanes still running give up at once.
+        let now = Instant::now();
         self.pipeline
-            .shutdown(self.config.delivery.shutdown_timeout)
+            .shutdown(now, now + Duration::from_secs(1))
             .await;
+    }
+
+    /// When shutdown must be over: `shutdown_timeout` after the signal, plus a second
+    /// for the goodbyes to the broker.
+    fn give_up_at(&self) -> Instant {
+        self.stopping_since() + self.config.delivery.shutdown_timeout + Duration::from_secs(1)
+    }
+
+    fn stopping_since(&self) -> Instant {
+        *self.stopping_since.get_or_init(Instant::now)
     }
 
     async fn connect(&self) -> Result<Connection, broker::ConnectError> {
@@ -193,75 +213,36 @@ impl Session {
         Ok(connection)
     }
 
-    /// Consumes on `connection`, pausing while Crisp refuses us or a rate-limit hold lasts.
-    /// Returns `None` after a graceful shutdown, or why the connection was lost.
-    async fn consume_until_lost(
-        &self,
-        connection: &Connection,
-        shutdown: &CancellationToken,
-    ) -> Option<String> {
+    /// Consumes on `connection` until shutdown or until the connection is lost. Holds
+    /// (Crisp refusing us, down, out of quota) do not end it: the deliveries stay with
+    /// the pod, so no hold cycle counts against their delivery limit.
+    async fn consume(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
         let amqp = &self.config.amqp;
-        loop {
-            let flow = &self.pipeline.flow;
-            if matches!(flow.state(), FlowState::Refused | FlowState::Outage) {
-                self.pipeline.wait_until_crisp_accepts(shutdown).await;
+        let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
+        let (channel, consumer) = match broker::consume(connection, amqp, &tag).await {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::BrokerLost(e.to_string()),
+        };
+        self.health.set_consuming(true);
+        tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
+        let acks = Arc::new(Acks::new(channel.clone(), amqp.prefetch));
+        tokio::spawn(Arc::clone(&acks).run());
+        let end = self.pump(&acks, consumer, shutdown).await;
+        self.health.set_consuming(false);
+        match end {
+            SessionEnd::Shutdown => {
+                let deadline = self.stopping_since() + self.config.delivery.shutdown_timeout;
+                self.pipeline.shutdown(deadline, self.give_up_at()).await;
+                let _ = tokio::time::timeout_at(self.give_up_at(), acks.close()).await;
+                let closing = channel.close(200, "crisp-bridge stopping".into());
+                let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
             }
-            if let FlowState::Held { until } = flow.state() {
-                tracing::info!(
-                    resume_in_s = until
-                        .saturating_duration_since(tokio::time::Instant::now())
-                        .as_secs(),
-                    "holding: consumption paused for Crisp's rate limit"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            }
-            // Also clears a hold that expired before we got here, which would otherwise
-            // end every consuming session at once.
-            flow.clear_hold();
-            if shutdown.is_cancelled() {
-                self.pipeline
-                    .shutdown(self.config.delivery.shutdown_timeout)
-                    .await;
-                return None;
-            }
-            let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
-            let (channel, consumer) = match broker::consume(connection, amqp, &tag).await {
-                Ok(c) => c,
-                Err(e) => return Some(e.to_string()),
-            };
-            self.health.set_consuming(true);
-            tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
-            let acks = Arc::new(Acks::new(channel.clone(), amqp.prefetch));
-            tokio::spawn(Arc::clone(&acks).run());
-            let end = self.pump(&acks, consumer, shutdown).await;
-            self.health.set_consuming(false);
-            match end {
-                SessionEnd::Shutdown => {
-                    self.pipeline
-                        .shutdown(self.config.delivery.shutdown_timeout)
-                        .await;
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
-                    let _ = channel.close(200, "crisp-bridge stopping".into()).await;
-                    return None;
-                }
-                SessionEnd::Paused => {
-                    // Held deliveries requeue at once; then let go of the channel so
-                    // nothing stays reserved for this pod while it waits.
-                    self.pipeline.wait_idle().await;
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
-                    let closing = channel.close(200, "crisp-bridge pausing".into());
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
-                }
-                SessionEnd::BrokerLost(why) => {
-                    // The broker requeues whatever we had not acked; stop the flusher.
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
-                    return Some(why);
-                }
+            SessionEnd::BrokerLost(_) => {
+                // The broker requeues whatever we had not acked; stop the flusher.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
             }
         }
+        end
     }
 
     async fn pump(
@@ -271,44 +252,49 @@ impl Session {
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let channel = acks.channel();
-        // Made once per session, not once per delivery: registering and dropping these
-        // waiters for every message was a visible share of the CPU (issue 10).
+        // Made once per session, not once per delivery: registering and dropping this
+        // waiter for every message was a visible share of the CPU.
         let stopping = shutdown.cancelled();
-        let closed = self.pipeline.flow.closed();
-        tokio::pin!(stopping, closed);
-        let end = loop {
+        tokio::pin!(stopping);
+        loop {
             tokio::select! {
                 biased;
-                _ = &mut stopping => break SessionEnd::Shutdown,
-                _ = &mut closed => break SessionEnd::Paused,
+                _ = &mut stopping => break,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => self.pipeline.handle(Arc::clone(acks), delivery),
                     Some(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
                     None => return SessionEnd::BrokerLost("the broker cancelled our consumer".into()),
                 },
             }
-        };
-        // Stop the flow, then hand back what was prefetched but not started.
+        }
+        self.stopping_since();
+        // Stop the flow, then hand back what was prefetched but not started; a broker
+        // that does not answer must not hold the shutdown past its bound.
         let tag = consumer.tag();
-        if let Err(e) = channel
-            .basic_cancel(tag, BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(error = %e, "cancelling the consumer failed; closing the channel will requeue instead");
+        let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+        match tokio::time::timeout_at(self.give_up_at(), cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cancelling the consumer failed; closing the channel will requeue instead")
+            }
+            Err(_) => tracing::warn!("the broker did not answer our consumer's cancel in time"),
         }
         let mut requeued = 0u32;
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
-        {
-            self.pipeline.hand_back(acks, &delivery).await;
-            requeued += 1;
-        }
+        let handing_back = async {
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+            {
+                self.pipeline.hand_back(acks, &delivery).await;
+                requeued += 1;
+            }
+        };
+        let _ = tokio::time::timeout_at(self.give_up_at(), handing_back).await;
         if requeued > 0 {
             tracing::info!(
                 requeued,
                 "requeued prefetched messages that had not started"
             );
         }
-        end
+        SessionEnd::Shutdown
     }
 }

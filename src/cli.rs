@@ -2,7 +2,8 @@
 //! `sandbox`.
 
 use crate::config::{self, Problem};
-use crate::contract::{capture, test_file, Message, Offline, Outcome};
+use crate::contract::capture::{self, CaptureError};
+use crate::contract::{test_file, Message, Offline, Outcome};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::{app::App, telemetry};
 use clap::{Parser, Subcommand};
@@ -12,10 +13,71 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+/// `eprintln!` without its panic when stderr is a closed pipe (`… 2>&1 | head`): there
+/// is nobody left to tell.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Exit code of `run` when the config is invalid (nothing was started).
 pub const EXIT_CONFIG: u8 = 64;
 /// Exit code of `map` when the message would be dead-lettered.
 pub const EXIT_DEAD_LETTER: u8 = 3;
+/// Exit code of a command whose output is a closed pipe (its reader, `head` say, went):
+/// what a shell reports for a process killed by SIGPIPE.
+pub const EXIT_CLOSED_PIPE: u8 = 141;
+
+/// The data output of the commands: stdout, locked and buffered, with every write error
+/// returned. Rust ignores SIGPIPE, so `println!` panics on a closed pipe, and a discarded
+/// error keeps a command reading its input into a pipe nobody reads.
+struct Out {
+    writer: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    /// Flush after each line: the input may be live (`--input -`), and a reader that went
+    /// is then noticed at the next line.
+    each_line: bool,
+}
+
+impl Out {
+    fn new(each_line: bool) -> Self {
+        Self {
+            writer: std::io::BufWriter::new(std::io::stdout().lock()),
+            each_line,
+        }
+    }
+
+    fn line(&mut self, text: &str) -> std::io::Result<()> {
+        self.writer.write_all(text.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        if self.each_line {
+            self.writer.flush()?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// The exit when the output could not be written: quiet for a reader that went, else
+/// the error on stderr.
+fn output_failed(e: &std::io::Error) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::from(EXIT_CLOSED_PIPE);
+    }
+    eprintln!("error: cannot write the output to stdout: {e}");
+    ExitCode::FAILURE
+}
+
+/// Prints one line of data output (no `println!`: see [`Out`]).
+fn print_line(text: &str) -> Result<(), ExitCode> {
+    let mut out = Out::new(false);
+    out.line(text)
+        .and_then(|()| out.finish())
+        .map_err(|e| output_failed(&e))
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -198,7 +260,7 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            println!(
+            let printed = print_line(&format!(
                 "{verb} {} message(s) to `{}` ({}); kept {} in `{}` ({})",
                 report.replayed_total(),
                 amqp.exchange,
@@ -206,7 +268,10 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
                 report.kept_total(),
                 amqp.dead_letter_queue,
                 list(&report.kept)
-            );
+            ));
+            if let Err(code) = printed {
+                return code;
+            }
             if report.kept_max_delivery_count >= 10 {
                 eprintln!(
                     "warning: a dead letter kept in `{}` has been handed back {} times; on RabbitMQ 4.x the broker drops it after the queue's delivery limit (20 by default): set a policy {{\"delivery-limit\": -1}} on that queue (README: Replaying dead letters)",
@@ -216,7 +281,8 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            // Scrubbed once more: whatever a library put in the error, no secret is shown.
+            eprintln!("error: {}", config::redact::scrub(&e.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -246,15 +312,15 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         }
         Ok(v) => {
             let names: Vec<&str> = v.router.rule_names().collect();
-            println!(
+            let printed = print_line(&format!(
                 "config OK: {} rule(s) ({}); queue `{}` bound to `{}` with {}",
                 names.len(),
                 names.join(", "),
                 v.config.amqp.queue,
                 v.config.amqp.exchange,
                 v.router.patterns().join(", ")
-            );
-            ExitCode::SUCCESS
+            ));
+            printed.err().unwrap_or(ExitCode::SUCCESS)
         }
         Err(mut problems) => {
             problems.extend(tls_problems);
@@ -301,11 +367,14 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
         body,
         ..Message::default()
     };
-    match offline.evaluate(&message) {
+    let mut out = Out::new(false);
+    let (lines, code) = match offline.evaluate(&message) {
         Outcome::Deliver(m) => {
-            println!("POST {}", offline.url(&m));
-            println!("Content-Type: application/json");
-            println!("X-Crisp-Tier: {}", loaded.crisp.tier.as_str());
+            let mut lines = vec![
+                format!("POST {}", offline.url(&m)),
+                "Content-Type: application/json".to_owned(),
+                format!("X-Crisp-Tier: {}", loaded.crisp.tier.as_str()),
+            ];
             let mut notes = vec![format!("# rule: {}", m.rule)];
             let c = &m.counts;
             for (n, what) in [
@@ -320,29 +389,36 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
                     notes.push(format!("{n} {what}"));
                 }
             }
-            println!("{}", notes.join(", "));
+            lines.push(notes.join(", "));
             match serde_json::to_string(&m.event) {
-                Ok(json) => println!("\n{json}"),
+                Ok(json) => lines.push(format!("\n{json}")),
                 Err(e) => {
                     eprintln!("error: cannot serialise the event: {e}");
                     return ExitCode::FAILURE;
                 }
             }
-            ExitCode::SUCCESS
+            (lines, ExitCode::SUCCESS)
         }
-        Outcome::Skip(detail) => {
-            println!("skipped: {detail}");
-            ExitCode::SUCCESS
-        }
+        Outcome::Skip(detail) => (vec![format!("skipped: {detail}")], ExitCode::SUCCESS),
         Outcome::DeadLetter(dl) => {
             let rule = dl
                 .rule
                 .as_deref()
                 .map(|r| format!(" (rule `{r}`)"))
                 .unwrap_or_default();
-            println!("{}: {}{rule}", dl.reason.code(), dl.detail);
-            ExitCode::from(EXIT_DEAD_LETTER)
+            (
+                vec![format!("{}: {}{rule}", dl.reason.code(), dl.detail)],
+                ExitCode::from(EXIT_DEAD_LETTER),
+            )
         }
+    };
+    let written = lines
+        .iter()
+        .try_for_each(|line| out.line(line))
+        .and_then(|()| out.finish());
+    match written {
+        Ok(()) => code,
+        Err(e) => output_failed(&e),
     }
 }
 
@@ -363,11 +439,11 @@ fn map_capture(path: Option<PathBuf>, input: &str, format: Format) -> ExitCode {
             }
         }
     };
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    // From stdin the capture may be live (`tail -f … | crisp-bridge map --input -`).
+    let mut out = Out::new(input == "-");
     let mut dead = 0usize;
     let name = if input == "-" { "stdin" } else { input };
-    let result = capture::for_each(reader, name, |line, message| {
+    let result = capture::try_for_each(reader, name, |line, message| {
         let outcome = offline.evaluate(&message);
         if matches!(outcome, Outcome::DeadLetter(_)) {
             dead += 1;
@@ -376,10 +452,11 @@ fn map_capture(path: Option<PathBuf>, input: &str, format: Format) -> ExitCode {
             Format::Json => offline.json_line(line, &outcome).to_string(),
             Format::Text => offline.text_line(line, &outcome),
         };
-        let _ = writeln!(out, "{text}");
+        out.line(&text)
     });
-    let _ = out.flush();
+    let result = result.and_then(|n| out.finish().map(|()| n).map_err(CaptureError::Write));
     match result {
+        Err(CaptureError::Write(e)) => output_failed(&e),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -394,34 +471,45 @@ fn test(path: Option<PathBuf>, files: &[PathBuf]) -> ExitCode {
     let Some((_, offline)) = offline(path) else {
         return ExitCode::FAILURE;
     };
+    let mut out = Out::new(false);
     let (mut passed, mut failed) = (0usize, 0usize);
     for file in files {
         let results = match test_file::run_file(&offline, file) {
             Ok(r) => r,
             Err(e) => {
+                // The results so far first, in order with the error.
+                let _ = out.writer.flush();
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
         for r in results {
-            match r.failure {
+            let line = match r.failure {
                 None => {
                     passed += 1;
-                    println!("ok      {} :: {}", file.display(), r.name);
+                    format!("ok      {} :: {}", file.display(), r.name)
                 }
                 Some(diff) => {
                     failed += 1;
-                    println!(
+                    format!(
                         "FAILED  {} :: {}\n{}",
                         file.display(),
                         r.name,
                         diff.trim_end()
-                    );
+                    )
                 }
+            };
+            if let Err(e) = out.line(&line) {
+                return output_failed(&e);
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
+    let summary = out
+        .line(&format!("{passed} passed, {failed} failed"))
+        .and_then(|()| out.finish());
+    if let Err(e) = summary {
+        return output_failed(&e);
+    }
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -489,11 +577,23 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.
 async fn watch_signals(shutdown: CancellationToken) {
-    let mut first = true;
-    loop {
-        if wait_signal().await.is_err() {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Made once: a signal arriving between two waits on fresh streams would be lost.
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
             tracing::warn!("cannot listen for signals; stop with SIGKILL");
             return;
+        }
+    };
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         if first {
             tracing::info!(
@@ -506,15 +606,4 @@ async fn watch_signals(shutdown: CancellationToken) {
             std::process::exit(130);
         }
     }
-}
-
-async fn wait_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

@@ -106,6 +106,13 @@ pub fn mask_people_id(id: &str) -> String {
 /// One email-like word: its first character and the domain after its *last* `@`, so
 /// nothing of a second local part (`x@jane.doe@example.com`) leaks.
 fn mask_email(word: &str) -> String {
+    // Already masked (a URL's password in a log line): `****@host` would read as a typo.
+    if word
+        .rsplit_once('@')
+        .is_some_and(|(local, _)| !local.is_empty() && local.bytes().all(|b| b == b'*'))
+    {
+        return word.to_owned();
+    }
     let first = word.chars().next().filter(|c| *c != '@');
     let domain = word.rsplit_once('@').map_or("", |(_, d)| d);
     let mut masked = String::with_capacity(domain.len() + 8);
@@ -199,6 +206,8 @@ mod tests {
         assert_eq!(mask_emails("no address here"), "no address here");
         assert_eq!(mask_emails("ünï@exämple.com"), "ü***@exämple.com");
         assert_eq!(mask_emails("@"), "***@");
+        assert_eq!(mask_emails("amqp://u:***@host"), "amqp://u:***@host");
+        assert_eq!(mask_emails("***@jane@x.io"), "****@x.io");
         // Masking is idempotent: details are masked when built and again in headers.
         let once = mask_emails("a x@jane.doe@example.com b");
         assert_eq!(mask_emails(&once), once);

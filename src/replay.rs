@@ -70,9 +70,9 @@ impl Report {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error(transparent)]
     Connect(#[from] broker::ConnectError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("the broker did not confirm the replayed copy of a `{reason}` dead letter; it stays in {queue}, nothing was lost; run replay again")]
     NotConfirmed { reason: String, queue: String },
     #[error("a `{reason}` dead letter with routing key `{routing_key}` matches no binding of `{exchange}` (amqp.exchange): it would be lost, so it stays in {queue}; bind its routing key, or move it by hand; replay stopped there")]

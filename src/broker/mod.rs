@@ -5,7 +5,7 @@ pub mod acks;
 pub mod settle;
 pub mod tls;
 
-use crate::config::{AmqpConfig, QueueType};
+use crate::config::{self, redact, AmqpConfig, QueueType};
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -31,14 +31,32 @@ pub fn frame_max() -> u32 {
     }
 }
 
-/// A broker operation that failed, with what was being done.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+/// A broker operation that failed, with what was being done. Its text is scrubbed of
+/// secrets (lapin's errors may quote the URL, password included), and it has no
+/// `source()`, through which a chain printer would show lapin's raw text.
 pub struct BrokerError {
     pub what: String,
-    #[source]
     pub source: lapin::Error,
 }
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = self.source.to_string();
+        write!(f, "{}: {}", self.what, redact::scrub(&source))
+    }
+}
+
+impl std::fmt::Debug for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = format!("{:?}", self.source);
+        f.debug_struct("BrokerError")
+            .field("what", &self.what)
+            .field("source", &redact::scrub(&source))
+            .finish()
+    }
+}
+
+impl std::error::Error for BrokerError {}
 
 trait Context<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError>;
@@ -53,20 +71,22 @@ impl<T> Context<T> for Result<T, lapin::Error> {
     }
 }
 
-/// Why no connection could be opened: the broker side, or TLS (files or handshake).
+/// Why no connection was made: the URL itself (nothing was sent), the broker, or TLS
+/// (its files, or the handshake).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("{0}")]
+    Url(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("cannot use the TLS files for RabbitMQ (retrying, they are read again at each attempt): {0}")]
     TlsFiles(#[from] tls::TlsFileError),
+    /// No `source()`, as for [`BrokerError`]: `reason` holds what lapin said, scrubbed.
     #[error("TLS with RabbitMQ at {host}:{port} failed: {reason}")]
     Handshake {
         host: String,
         port: u16,
         reason: String,
-        #[source]
-        source: lapin::Error,
     },
 }
 
@@ -75,30 +95,37 @@ pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
     // Read again before each connection: a rotated `amqp.url_file` is picked up.
     let url = amqp.current_url();
-    let context = || "connecting to RabbitMQ (check amqp.url / CRISP_BRIDGE_AMQP__URL)".to_owned();
+    // Parsed here, not by lapin, whose error would quote the URL whole.
+    let uri = config::parse_amqp_url(url.expose())
+        .map_err(|why| ConnectError::Url(bad_url_message(amqp, &why)))?;
+    let context = || {
+        format!(
+            "connecting to RabbitMQ at {} (check {})",
+            redact::redact_url(url.expose()),
+            amqp.url_key()
+        )
+    };
     // Read again before each connection too: cert-manager rotates them.
     let tls_config = match &amqp.tls {
         Some(files) => tls::load(files)?,
         None => Default::default(),
     };
     let client_cert = tls_config.identity.is_some();
+    let amqps = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+    let (host, port) = (uri.authority.host.clone(), uri.authority.port);
     let runtime = lapin::runtime::default_runtime().context(context)?;
-    let connecting = Connection::connect_with_config(url.expose(), properties, tls_config, runtime);
+    let connecting = Connection::connect_uri_with_config(uri, properties, tls_config, runtime);
     let connection = match connecting.await {
         Ok(connection) => connection,
         Err(source) => {
-            let (host, port) = host_port(url.expose());
-            let reason = url
-                .expose()
-                .starts_with("amqps://")
+            let reason = amqps
                 .then(|| tls::describe_failure(&source, &host, client_cert))
                 .flatten();
             return Err(match reason {
                 Some(reason) => ConnectError::Handshake {
                     host,
                     port,
-                    reason,
-                    source,
+                    reason: redact::scrub(&reason).into_owned(),
                 },
                 None => BrokerError {
                     what: context(),
@@ -113,12 +140,23 @@ pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
     Ok(connection)
 }
 
-/// The host and port of an AMQP URL, for messages (never the user info).
-fn host_port(url: &str) -> (String, u16) {
-    match url.parse::<lapin::uri::AMQPUri>() {
-        Ok(uri) => (uri.authority.host, uri.authority.port),
-        Err(_) => ("[unparseable url]".into(), 0),
-    }
+/// What failed, where, and what to do, for a URL that does not parse; never the URL.
+fn bad_url_message(amqp: &AmqpConfig, why: &str) -> String {
+    let todo = if amqp.url_file.is_some() {
+        "write it into that file as"
+    } else {
+        "set it as"
+    };
+    let reread = if amqp.url_file.is_some() {
+        "; the file is read again before each connection attempt"
+    } else {
+        ""
+    };
+    format!(
+        "the AMQP URL from {} does not parse: {why}; {todo} {}{reread}",
+        amqp.url_key(),
+        config::AMQP_URL_FORM
+    )
 }
 
 /// Declares the topic exchange, the dead-letter exchange (fanout) and queue, the main
@@ -151,6 +189,50 @@ pub async fn declare_topology(
                 amqp.exchange
             )
         })?;
+    declare_dead_letter_topology(channel, amqp).await?;
+    channel
+        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
+        .await
+        .context(|| {
+            format!(
+                "declaring queue `{}` (an existing queue with other arguments must be deleted or amqp.declare set to false)",
+                amqp.queue
+            )
+        })?;
+    for pattern in patterns {
+        channel
+            .queue_bind(
+                amqp.queue.as_str().into(),
+                amqp.exchange.as_str().into(),
+                (*pattern).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context(|| {
+                format!(
+                    "binding `{}` to `{}` with `{pattern}`",
+                    amqp.queue, amqp.exchange
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Declares the dead-letter exchange (fanout) and queue, and binds them: at start, and
+/// again when a dead-letter copy found no queue (someone deleted it).
+pub async fn declare_dead_letter_topology(
+    channel: &Channel,
+    amqp: &AmqpConfig,
+) -> Result<(), BrokerError> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
         .exchange_declare(
             amqp.dead_letter_exchange.as_str().into(),
@@ -188,32 +270,6 @@ pub async fn declare_topology(
                 amqp.dead_letter_queue, amqp.dead_letter_exchange
             )
         })?;
-    channel
-        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
-        .await
-        .context(|| {
-            format!(
-                "declaring queue `{}` (an existing queue with other arguments must be deleted or amqp.declare set to false)",
-                amqp.queue
-            )
-        })?;
-    for pattern in patterns {
-        channel
-            .queue_bind(
-                amqp.queue.as_str().into(),
-                amqp.exchange.as_str().into(),
-                (*pattern).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context(|| {
-                format!(
-                    "binding `{}` to `{}` with `{pattern}`",
-                    amqp.queue, amqp.exchange
-                )
-            })?;
-    }
     Ok(())
 }
 
@@ -242,7 +298,8 @@ pub fn main_queue_args(amqp: &AmqpConfig) -> FieldTable {
     if amqp.queue_type == QueueType::Quorum && amqp.delivery_limit > 0 {
         args.insert(
             "x-delivery-limit".into(),
-            AMQPValue::LongInt(amqp.delivery_limit as i32),
+            // An absurd limit is "never", not a wrapped negative number.
+            AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
         );
     }
     args
@@ -282,4 +339,46 @@ pub async fn consume(
             )
         })?;
     Ok((channel, consumer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_url_that_does_not_parse_is_reported_without_its_password() {
+        let dir = std::env::temp_dir().join(format!("crisp-bridge-url-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("url");
+        std::fs::write(&file, "amqp:guest:Br0k-unparsed=pw@127.0.0.1:1/%2f\n").unwrap();
+        let amqp = AmqpConfig {
+            url_file: Some(file.clone()),
+            ..AmqpConfig::default()
+        };
+        let text = match connect(&amqp).await {
+            Err(e @ ConnectError::Url(_)) => format!("{e} {e:?}"),
+            Err(e) => panic!("not a URL error: {e}"),
+            Ok(_) => panic!("connected with a URL that does not parse"),
+        };
+        assert!(!text.contains("Br0k-unparsed"), "{text}");
+        assert!(
+            text.contains(&format!("amqp.url_file ({})", file.display()))
+                && text.contains("does not parse")
+                && text.contains("`//` missing"),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn broker_errors_are_scrubbed_of_the_url_they_quote() {
+        let e = BrokerError {
+            what: "connecting".into(),
+            source: std::io::Error::other("Invalid URL: 'amqp:u:Br0k-echoed=pw@h:1/%2f'").into(),
+        };
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains("Br0k-echoed"), "{text}");
+        assert!(text.contains("amqp:u:***@h:1"), "{text}");
+        assert!(std::error::Error::source(&e).is_none());
+    }
 }

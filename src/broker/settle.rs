@@ -40,6 +40,9 @@ pub enum Settled {
     Stale,
     /// The dead-letter copy was not confirmed; the original is still unsettled.
     DeadLetterFailed,
+    /// The broker returned the dead-letter copy: no queue is bound to the dead-letter
+    /// exchange. The original is still unsettled.
+    DeadLetterReturned,
 }
 
 /// How often a pending settlement looks whether its channel ended meanwhile. Settling
@@ -258,26 +261,42 @@ async fn dead_letter(
             "a dead-letter copy's original headers were dropped: with ours they exceed the broker's frame size"
         );
     }
+    // Mandatory: a copy no queue takes comes back (basic.return) instead of being
+    // confirmed and dropped, which would lose the message.
     let published = channel
         .basic_publish(
             exchange.into(),
             delivery.routing_key.clone(),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             &delivery.data,
             properties,
         )
         .await;
     // A confirm that never comes (a half-dead connection) must not hold the message.
     let confirmed = match published {
-        Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-            .await
-            .map(|c| c.map(|c| c.is_ack()).unwrap_or(false))
-            .unwrap_or(false),
-        Err(_) => false,
+        Ok(confirm) => match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Ok(Ok(confirmation)) if confirmation.is_ack() => match confirmation.take_message() {
+                None => Some(true),
+                Some(_) => None,
+            },
+            _ => Some(false),
+        },
+        Err(_) => Some(false),
     };
     match confirmed {
-        true => outcome(delivery.acker.ack(BasicAckOptions::default()).await),
-        false => {
+        Some(true) => outcome(delivery.acker.ack(BasicAckOptions::default()).await),
+        None => {
+            tracing::error!(
+                reason = dl.reason.code(),
+                exchange,
+                "the broker returned the dead-letter copy: no queue is bound to the dead-letter exchange; the original is kept"
+            );
+            Settled::DeadLetterReturned
+        }
+        Some(false) => {
             tracing::error!(
                 reason = dl.reason.code(),
                 exchange,

@@ -2,10 +2,12 @@
 //! environment variables (`__` between levels). Unknown keys are refused.
 //! [`validate`] checks everything that can be checked before touching the network.
 
+pub mod redact;
 mod secret;
 mod validate;
 
-pub use secret::{read_secret_file, redact_url, Secret};
+pub use redact::redact_url;
+pub use secret::{read_secret_file, Secret};
 pub use validate::{tls_file_problems, validate, Problem, Validated};
 
 use figment::providers::{Env, Format, Toml};
@@ -98,14 +100,44 @@ impl AmqpConfig {
     /// The URL to connect with now: read again from `url_file` when set (a rotated
     /// Secret), else `url`. A file that cannot be read now keeps the last URL.
     pub fn current_url(&self) -> Secret {
-        match &self.url_file {
+        let url = match &self.url_file {
             None => self.url.clone(),
             Some(path) => read_secret_file(path).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read amqp.url_file; using the URL read before");
                 self.url.clone()
             }),
+        };
+        // Before anything can fail on it: an error quoting it must not show its password.
+        redact::remember_url(url.expose());
+        url
+    }
+
+    /// The config key the URL comes from, for errors: `amqp.url_file (PATH)` or `amqp.url`.
+    pub fn url_key(&self) -> String {
+        match &self.url_file {
+            Some(path) => format!("amqp.url_file ({})", path.display()),
+            None => "amqp.url (or CRISP_BRIDGE_AMQP__URL)".to_owned(),
         }
     }
+}
+
+/// What an AMQP URL must look like, for errors.
+pub const AMQP_URL_FORM: &str = "amqp://user:password@host:5672/vhost (amqps:// for TLS; reserved characters in the user or password percent-encoded, such as %40 and %3A)";
+
+/// Parses an AMQP URL; the error says why without quoting the URL (the parser's own error
+/// may quote it whole, password included).
+pub fn parse_amqp_url(url: &str) -> Result<lapin::uri::AMQPUri, String> {
+    url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+        if e.starts_with("Invalid URL") || e.contains(url) {
+            "it is not of the form scheme://host (is `//` missing after `amqp:`?)".to_owned()
+        } else {
+            let e = match redact::url_password(url) {
+                Some(password) => e.replace(password, redact::MASK),
+                None => e,
+            };
+            redact::scrub(&e).into_owned()
+        }
+    })
 }
 
 /// Loads from a TOML string plus the environment.

@@ -66,11 +66,39 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
 
     let amqp = &config.amqp;
     let url = amqp.url.expose();
+    super::redact::remember_url(url);
+    for secret in [&config.crisp.identifier, &config.crisp.key]
+        .into_iter()
+        .flatten()
+    {
+        super::redact::remember(secret.expose());
+    }
+    // The URL may have come from its file, which is then the key to fix.
+    let url_key = if amqp.url_file.is_some() {
+        "amqp.url_file"
+    } else {
+        "amqp.url"
+    };
+    let where_set = match &amqp.url_file {
+        Some(path) => format!("the URL in {}", path.display()),
+        None => "set it with CRISP_BRIDGE_AMQP__URL".to_owned(),
+    };
+    // Never echo the URL: it holds the password.
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        // Never echo the URL: it holds the password.
         bad(
-            "amqp.url",
-            "must start with amqp:// or amqps:// (set it with CRISP_BRIDGE_AMQP__URL)".into(),
+            url_key,
+            format!(
+                "must start with amqp:// or amqps:// ({where_set}); write it as {}",
+                super::AMQP_URL_FORM
+            ),
+        );
+    } else if let Err(why) = super::parse_amqp_url(url) {
+        bad(
+            url_key,
+            format!(
+                "does not parse as an AMQP URL: {why} ({where_set}); write it as {}",
+                super::AMQP_URL_FORM
+            ),
         );
     }
     if let Some(tls) = &amqp.tls {
@@ -234,15 +262,15 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             "is shorter than delivery.initial_backoff".into(),
         );
     }
-    // A delivery held past the broker's consumer timeout closes the whole channel, so
-    // keep the retry budget (plus a request in flight) well under it.
-    let limit = amqp.consumer_timeout / 2;
-    if d.max_retry_time.saturating_add(crisp.timeout) > limit {
+    // A delivery held past the broker's consumer timeout closes the whole channel. The
+    // bridge hands every delivery back by half of it; a request already in flight then
+    // must still end (crisp.timeout) well before the broker acts.
+    if crisp.timeout >= amqp.consumer_timeout / 2 {
         bad(
-            "delivery.max_retry_time",
+            "crisp.timeout",
             format!(
-                "{} plus crisp.timeout must stay under half of amqp.consumer_timeout ({}), or RabbitMQ closes the channel holding the message",
-                humantime::format_duration(d.max_retry_time),
+                "{} must stay under half of amqp.consumer_timeout ({}), or RabbitMQ closes the channel holding a message whose request is still in flight",
+                humantime::format_duration(crisp.timeout),
                 humantime::format_duration(amqp.consumer_timeout)
             ),
         );
@@ -401,6 +429,26 @@ mod tests {
                 .any(|p| p.key == "crisp.key_file" && p.message.contains("cannot read")),
             "{problems:?}"
         );
+
+        // A URL file that does not parse names its key and file, never its password.
+        for bad in [
+            "amqp:guest:Vd8-unparsed=pw@127.0.0.1:5672/%2f",
+            "amqp://guest:Vd8-unparsed=pw@127.0.0.1:notaport/%2f",
+        ] {
+            std::fs::write(dir.join("url"), bad).unwrap();
+            let mut config =
+                from_toml_str(&(OK.to_owned() + "[amqp]\nurl_file = \"url\"\n")).unwrap();
+            config.resolve_relative_paths(&dir);
+            let problems = validate(config).unwrap_err();
+            let text = format!("{problems:?} {}", problems[0]);
+            assert!(
+                problems.iter().any(|p| p.key == "amqp.url_file"
+                    && p.message.contains("write it as amqp://user:password@host")
+                    && p.message.contains(&dir.join("url").display().to_string())),
+                "{text}"
+            );
+            assert!(!text.contains("Vd8-unparsed"), "{text}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -509,11 +557,11 @@ mod tests {
             [amqp]
             url = "http://user:topsecret@host"
             prefetch = 0
+            consumer_timeout = "10s"
             [crisp]
             website_id = "nope"
             api_url = "ftp://x"
             [delivery]
-            max_retry_time = "20m"
             concurrency = 0
             [server]
             listen = "nowhere"
@@ -533,7 +581,7 @@ mod tests {
             "crisp.identifier",
             "crisp.key",
             "crisp.api_url",
-            "delivery.max_retry_time",
+            "crisp.timeout",
             "delivery.concurrency",
             "server.listen",
             "rules",

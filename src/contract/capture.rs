@@ -15,6 +15,9 @@ pub enum CaptureError {
         source_name: String,
         error: std::io::Error,
     },
+    /// The output went (a closed pipe) or failed; reading stopped there.
+    #[error("cannot write the output: {0}")]
+    Write(std::io::Error),
     #[error("{source_name} line {line}: {message}; each line must be {{\"routing_key\": \"...\", \"body\": <JSON or raw string>, \"properties\": {{\"message_id\", \"type\", \"content_type\", \"headers\"}}}}")]
     Line {
         source_name: String,
@@ -56,6 +59,19 @@ pub fn for_each(
     source_name: &str,
     mut each: impl FnMut(usize, Message),
 ) -> Result<usize, CaptureError> {
+    try_for_each(reader, source_name, |line, message| {
+        each(line, message);
+        Ok(())
+    })
+}
+
+/// As [`for_each`], also stopping at the first error of `each` (its output gone): a
+/// command must not read on into a pipe nobody reads.
+pub fn try_for_each(
+    reader: impl BufRead,
+    source_name: &str,
+    mut each: impl FnMut(usize, Message) -> std::io::Result<()>,
+) -> Result<usize, CaptureError> {
     let mut count = 0;
     for (index, line) in reader.split(b'\n').enumerate() {
         let number = index + 1;
@@ -74,7 +90,7 @@ pub fn for_each(
         if text.is_empty() {
             continue;
         }
-        each(number, parse_line(text).map_err(bad)?);
+        each(number, parse_line(text).map_err(bad)?).map_err(CaptureError::Write)?;
         count += 1;
     }
     Ok(count)

@@ -10,12 +10,13 @@ pub enum Failure {
     Transient,
     /// Crisp asks us to slow down: 429, 420, or 422 without an invalid-input reason.
     RateLimited,
-    /// The message can never succeed: 400, 413, 422 `invalid_data` and other client errors.
+    /// The message can never succeed: 400, 413, 422 `invalid_data`.
     Rejected,
     /// 404 `people_not_found`.
     PeopleNotFound,
-    /// Not the message's fault: 401, 402, 403, 404 for the website, or a redirect
-    /// (a misconfigured `api_url`; redirects are never followed).
+    /// Not the message's fault: 401, 402, 403, 404 for the website, any other 4xx (a
+    /// moved or retired route, a proxy asking for credentials), or a redirect (a
+    /// misconfigured `api_url`; redirects are never followed).
     Refused,
 }
 
@@ -153,7 +154,10 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Cris
             Failure::Rejected
         }
         422 => Failure::RateLimited,
-        400..=499 => Failure::Rejected,
+        // Only these say the message itself is wrong; any other 4xx (405, 407, 410,
+        // 415, 451...) would dead-letter every message although none is at fault.
+        400 | 413 => Failure::Rejected,
+        400..=499 => Failure::Refused,
         _ => Failure::Transient,
     };
     let what = match failure {
@@ -161,7 +165,9 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Cris
         Failure::RateLimited => "Crisp is rate limiting us; backing off",
         Failure::Rejected => "Crisp rejected the event",
         Failure::PeopleNotFound => "Crisp has no profile for this people id",
-        Failure::Refused => "Crisp refuses our credentials, plan or website id; check crisp.identifier, crisp.key, crisp.tier and crisp.website_id",
+        Failure::Refused if matches!(status, 401..=404) => "Crisp refuses our credentials, plan or website id; check crisp.identifier, crisp.key, crisp.tier and crisp.website_id",
+        Failure::Refused if status == 407 => "a proxy between us and Crisp asks for credentials; check the proxy settings",
+        Failure::Refused => "Crisp (or something in front of it) refuses the route, not the message; check crisp.api_url and any proxy",
     };
     CrispError {
         failure,
@@ -219,6 +225,12 @@ mod tests {
             assert_eq!(kind(s, "{}"), Failure::Refused);
         }
         assert_eq!(kind(408, ""), Failure::Transient);
+        // Other 4xx are not the message's fault: a hold, never a dead letter.
+        for s in [405, 407, 409, 410, 411, 414, 415, 418, 431, 451, 499] {
+            assert_eq!(kind(s, ""), Failure::Refused, "{s}");
+        }
+        assert!(classify(410, b"", None).message.contains("route"));
+        assert!(classify(407, b"", None).message.contains("proxy"));
         assert_eq!(kind(420, ""), Failure::RateLimited);
         assert_eq!(kind(429, "not json"), Failure::RateLimited);
         for s in [500, 502, 503, 504] {

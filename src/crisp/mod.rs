@@ -87,6 +87,9 @@ impl Credentials {
         };
         let identifier = read(&self.identifier_file, "identifier");
         let key = read(&self.key_file, "key");
+        for secret in identifier.iter().chain(&key) {
+            crate::config::redact::remember(secret.expose());
+        }
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
         if let Some(i) = identifier {
@@ -211,16 +214,10 @@ impl CrispClient {
         }
     }
 
-    /// A read that proves whether Crisp accepts our credentials for this website:
-    /// `people_not_found` for a random id means yes.
-    pub async fn probe(&self) -> Result<(), CrispError> {
-        // The key may have been rotated while we were refused.
+    /// Reads the credential files again (a hold's trial: the key may have been rotated
+    /// while Crisp refused it).
+    pub fn reload_credentials(&self) {
         self.credentials.reload();
-        let url = format!("{}/people/profile/{}", self.website_url, uuid::Uuid::nil());
-        match self.send(self.http.get(url), None).await {
-            Err(e) if e.failure == Failure::PeopleNotFound => Ok(()),
-            other => other,
-        }
     }
 
     /// Sends one request. Every header is set exactly once here or by the client's

@@ -20,15 +20,13 @@ pub enum Happened {
     CrispRejected { detail: String, rule: String },
     /// Crisp 404 `people_not_found`, and no profile could be created.
     PeopleNotFound { detail: String, rule: String },
-    /// Crisp 401/402/403, 404 for the website, or a redirect: not the message's fault.
-    Refused,
     /// Transient failures or rate limits for the whole retry budget while other
     /// messages got through: the message's own problem, so it counts toward the
     /// queue's delivery limit.
     RetriesExhausted,
-    /// A rate-limit or outage hold began: the message waits in the broker.
-    Held,
-    /// Shutdown, a closed flow, or a hold: the message was not (fully) tried.
+    /// Shutdown, its hand-back time (the consumer timeout), or a later message of a
+    /// person whose earlier one went back: it was not (fully) tried. Holds (Crisp
+    /// refusing us, down, or out of quota) keep the message with the pod instead.
     NotStarted,
     /// The delivery's channel died while it waited: the broker redelivers it.
     ChannelGone,
@@ -69,9 +67,7 @@ pub fn fate(happened: Happened, settings: FateSettings) -> Disposition {
             Disposition::Requeue(RequeueKind::RetriesExhausted)
         }
         // Not the message's fault: it may wait as long as it needs.
-        Happened::Refused | Happened::Held | Happened::NotStarted | Happened::ChannelGone => {
-            Disposition::Requeue(RequeueKind::NotNow)
-        }
+        Happened::NotStarted | Happened::ChannelGone => Disposition::Requeue(RequeueKind::NotNow),
         // A broker that keeps refusing the copy (a full dead-letter queue with
         // `reject-publish`, say) would otherwise bounce the message back at once, forever:
         // counting it bounds the loop by the queue's delivery limit.
@@ -123,19 +119,7 @@ mod tests {
                 Disposition::Ack { delivered: false },
             ),
             (
-                "Crisp down: held (outage)",
-                Happened::Held,
-                ACK,
-                not_now.clone(),
-            ),
-            (
-                "401/402/403/404 website, 3xx",
-                Happened::Refused,
-                ACK,
-                not_now.clone(),
-            ),
-            (
-                "SIGTERM: prefetched or abandoned",
+                "SIGTERM: prefetched or abandoned; handed back before the consumer timeout",
                 Happened::NotStarted,
                 ACK,
                 not_now.clone(),

@@ -1,16 +1,19 @@
-//! The one owner of the flow to Crisp: backoff between retries, pacing (the adaptive
-//! request rate under `max_requests_per_second`, and the pod-wide pause Crisp asks for
-//! with `Retry-After`), the adaptive concurrency, the refusal/outage gate and the
-//! rate-limit hold. It publishes one [`FlowState`]; the consume loop, `/readyz` and the
-//! probe read it, and only this module writes it.
+//! The one owner of the flow to Crisp: the backoff between a message's retries, pacing
+//! (in [`super::pacing`]), the adaptive concurrency, and the holds. It publishes one
+//! [`FlowState`]; `/readyz` and the pipeline read it, and only this module writes it.
+//!
+//! A hold (Crisp refusing us, Crisp down, a spent quota) closes the gate like a circuit
+//! breaker: the pod keeps its deliveries (handing them back would count against a
+//! quorum queue's delivery limit on every cycle), sends nothing, and lets one held
+//! message through at a time as a trial, on the route that failed. Only a real answer
+//! to a trial reopens the gate; each failed trial waits longer, up to [`TRIAL_MAX`].
 
+use super::backoff::{Backoff, Jitter};
 use super::limit::{AdaptiveLimit, Slot};
+use super::pacing::Pacing;
 use crate::config::DeliveryConfig;
 use crate::crisp::{CrispError, Failure};
 use crate::telemetry::metrics;
-use rand::Rng;
-use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,8 +21,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// What the flow to Crisp allows now, in order of precedence (a refusal outranks an
-/// outage, which outranks a hold).
+/// The longest wait between two trials of a hold.
+pub const TRIAL_MAX: Duration = Duration::from_secs(30);
+/// The first trial's wait (at least `initial_backoff`).
+const TRIAL_INITIAL: Duration = Duration::from_millis(500);
+
+/// What the flow to Crisp allows now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowState {
     /// Sending at full speed (only `max_requests_per_second` applies).
@@ -27,13 +34,17 @@ pub enum FlowState {
     /// Sending, at a rate learned from Crisp's 429/420 answers.
     Throttled,
     /// Crisp kept rate limiting one message for its whole retry budget (a spent quota):
-    /// consumption pauses until `until`; the pod is not ready meanwhile.
+    /// nothing is sent but a trial at `until`; the pod is not ready meanwhile.
     Held { until: Instant },
-    /// Crisp refuses our credentials, plan or website id, or redirects us: `/readyz` fails.
+    /// Crisp refuses our credentials, plan, website id or route, or redirects us:
+    /// `/readyz` fails; trials until Crisp accepts again.
     Refused,
-    /// Crisp keeps failing (transport errors, 5xx): consumption pauses and a probe runs,
-    /// but the pod stays ready since a restart would not help.
+    /// Crisp keeps failing (transport errors, 5xx): trials until it answers, but the
+    /// pod stays ready since a restart would not help.
     Outage,
+    /// A dead-letter copy found no queue (the dead-letter queue is missing): nothing
+    /// is sent until a dead-letter copy is taken again; `/readyz` fails.
+    DeadLettersBlocked,
 }
 
 impl FlowState {
@@ -43,250 +54,62 @@ impl FlowState {
     }
 }
 
+/// Why the gate is closed, in order of precedence (a refusal outranks an outage, which
+/// outranks a spent quota).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Hold {
+    Quota,
+    Outage,
+    Refused,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
     Open,
-    Refused,
-    Outage,
+    Closed {
+        why: Hold,
+        /// When the next trial may start.
+        trial_at: Instant,
+        /// A trial request is out; no other starts until it is answered.
+        trial_out: bool,
+        /// Trials failed so far in this hold (and the one before it, when Crisp
+        /// failed again soon after reopening): the trial wait grows with it.
+        failed_trials: u32,
+    },
 }
 
-/// What is published; [`FlowState`] is derived from it, since a hold ends by itself.
+/// What is published: one value, so every reader sees a consistent state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Published {
     gate: Gate,
-    hold: Option<Instant>,
     throttled: bool,
+    dead_letters_blocked: bool,
 }
 
 impl Published {
-    fn state(&self, now: Instant) -> FlowState {
-        match (self.gate, self.hold) {
-            (Gate::Refused, _) => FlowState::Refused,
-            (Gate::Outage, _) => FlowState::Outage,
-            (Gate::Open, Some(until)) if until > now => FlowState::Held { until },
-            _ if self.throttled => FlowState::Throttled,
-            _ => FlowState::Open,
+    fn state(&self) -> FlowState {
+        if self.dead_letters_blocked {
+            return FlowState::DeadLettersBlocked;
+        }
+        match self.gate {
+            Gate::Closed {
+                why: Hold::Refused, ..
+            } => FlowState::Refused,
+            Gate::Closed {
+                why: Hold::Outage, ..
+            } => FlowState::Outage,
+            Gate::Closed {
+                why: Hold::Quota,
+                trial_at,
+                ..
+            } => FlowState::Held { until: trial_at },
+            Gate::Open if self.throttled => FlowState::Throttled,
+            Gate::Open => FlowState::Open,
         }
     }
 }
 
-/// Fraction of the accepted rate kept after a 429/420: the accepted rate already is the
-/// share Crisp gives us, so a small cut suffices and keeps the average near the limit.
-const BETA: f64 = 0.95;
-/// Two cuts are at least this far apart.
-const CUT_SPACING: Duration = Duration::from_millis(1000);
-/// Growth near the last limit, as a fraction of it per second of saturated sending:
-/// slow, since with N pods each cut removes only its own share of the excess.
-const NEAR_GROWTH: f64 = 0.015;
-/// Far below the last limit the rate doubles per second of saturated sending, and
-/// beyond it triples, so a lifted limit is found again within seconds.
-const FAR_BELOW: f64 = 0.8;
-const FAR_ABOVE: f64 = 1.03;
-const BELOW_GROWTH: f64 = 2.0;
-const ABOVE_GROWTH: f64 = 3.0;
-/// Beyond this multiple of the last limit the learned rate is forgotten.
-const FORGET_ABOVE: f64 = 64.0;
-/// Never slower than this (a rate of zero would stop the pod for good).
-const MIN_RATE: f64 = 0.5;
-/// The longest stretch of time one claim counts as growth (after an idle spell the
-/// first request must not jump the rate).
-const MAX_GROWTH_STEP: Duration = Duration::from_millis(250);
-/// The window the sent and accepted rates are measured over.
-const WINDOW: Duration = Duration::from_secs(1);
-
-/// Events of the last [`WINDOW`], to measure a rate.
-#[derive(Debug, Default)]
-struct Window(VecDeque<Instant>);
-
-impl Window {
-    fn push(&mut self, now: Instant) {
-        self.trim(now);
-        self.0.push_back(now);
-    }
-
-    fn trim(&mut self, now: Instant) {
-        while self
-            .0
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
-        {
-            self.0.pop_front();
-        }
-    }
-
-    fn per_second(&mut self, now: Instant) -> f64 {
-        self.trim(now);
-        self.0.len() as f64 / WINDOW.as_secs_f64()
-    }
-}
-
-/// The pacing state: when the next request may start.
-#[derive(Debug)]
-struct Pacing {
-    /// `max_requests_per_second`: a hard ceiling.
-    ceiling: Option<f64>,
-    /// The rate learned from 429/420; `None` until Crisp first limits us.
-    learned: Option<f64>,
-    /// The accepted rate when Crisp last limited us: the limit's estimate.
-    last_limit: f64,
-    last_cut: Option<Instant>,
-    last_claim: Instant,
-    next_slot: Instant,
-    /// Crisp's `Retry-After`, for every request of the pod.
-    paused_until: Instant,
-    sent: Window,
-    accepted: Window,
-}
-
-impl Pacing {
-    fn new(max_requests_per_second: f64) -> Self {
-        let now = Instant::now();
-        Self {
-            ceiling: (max_requests_per_second > 0.0).then_some(max_requests_per_second),
-            learned: None,
-            last_limit: 0.0,
-            last_cut: None,
-            last_claim: now,
-            next_slot: now,
-            paused_until: now,
-            sent: Window::default(),
-            accepted: Window::default(),
-        }
-    }
-
-    fn rate(&self) -> Option<f64> {
-        match (self.ceiling, self.learned) {
-            (Some(c), Some(l)) => Some(c.min(l)),
-            (c, l) => c.or(l),
-        }
-    }
-
-    /// Takes the turn if it has come; else says when to look again.
-    fn claim(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
-        let learned = self.learned.is_some();
-        let claimed = self.claim_turn(now, waited);
-        if learned && self.learned.is_none() {
-            metrics::request_rate_limit(0.0);
-        }
-        claimed
-    }
-
-    fn claim_turn(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
-        let turn = self.next_slot.max(self.paused_until);
-        if turn > now {
-            return Err(turn);
-        }
-        if waited {
-            // Only time spent sending as fast as allowed says the rate could be higher.
-            // At a low rate one claim stands for a long stretch of saturated sending.
-            let longest = self.rate().map_or(MAX_GROWTH_STEP, |r| {
-                MAX_GROWTH_STEP.max(Duration::from_secs_f64(2.0 / r))
-            });
-            let step = now.duration_since(self.last_claim).min(longest);
-            self.grow(step.as_secs_f64());
-        }
-        self.last_claim = now;
-        self.next_slot = match self.rate() {
-            Some(rate) => {
-                let interval = Duration::from_secs_f64(1.0 / rate);
-                // Spaced from the turn, not from the (late) wake-up, so timer slack does
-                // not eat the rate; after an idle spell no credit is banked.
-                let from = if now.duration_since(turn) < interval {
-                    turn
-                } else {
-                    now
-                };
-                from + interval
-            }
-            None => now,
-        };
-        self.sent.push(now);
-        Ok(now)
-    }
-
-    fn grow(&mut self, secs: f64) {
-        let Some(rate) = self.learned else { return };
-        let limit = self.last_limit;
-        let grown = if rate < FAR_BELOW * limit {
-            rate * BELOW_GROWTH.powf(secs)
-        } else if rate > FAR_ABOVE * limit {
-            rate * ABOVE_GROWTH.powf(secs)
-        } else {
-            rate + NEAR_GROWTH * limit * secs
-        };
-        self.learned = if grown > FORGET_ABOVE * limit {
-            None
-        } else {
-            // Above the ceiling growth means nothing: stay at it, ready to be cut from it.
-            Some(self.ceiling.map_or(grown, |c| grown.min(c)))
-        };
-    }
-
-    /// Crisp said "too many" to a request sent at `sent_at`; true when the rate changed.
-    fn cut(&mut self, sent_at: Instant, now: Instant) -> bool {
-        if self
-            .last_cut
-            .is_some_and(|cut| sent_at < cut || now.duration_since(cut) < CUT_SPACING)
-        {
-            // Sent before the last cut, or too soon after it: a limiter counting the
-            // last second still remembers the excess that cut answered.
-            return false;
-        }
-        let accepted = self.accepted.per_second(now);
-        if accepted == 0.0 && self.learned.is_some() {
-            // Nothing gets through at any rate (a spent quota): slowing down further
-            // finds no share; each message's backoff and the hold deal with it.
-            return false;
-        }
-        let sending = self.sent.per_second(now).max(MIN_RATE);
-        let current = self.rate().map_or(sending, |r| r.min(sending));
-        // What Crisp let through is the share it gives us. Near the last limit a stall
-        // (a slow second on our side) must not pass for a smaller share: cut at most
-        // by a tenth there; far above it, at most by half.
-        let floor = if current <= FAR_ABOVE * self.last_limit {
-            current * 0.9
-        } else {
-            current / 2.0
-        };
-        let base = accepted.max(floor).min(current);
-        // With nothing accepted the answer says nothing about the limit (everything is
-        // refused): keep the old estimate, so recovery ramps fast up to it.
-        if accepted > 0.0 || self.last_limit < MIN_RATE {
-            self.last_limit = base.max(MIN_RATE);
-        }
-        self.learned = Some((base * BETA).max(MIN_RATE));
-        self.last_cut = Some(now);
-        // The lower rate applies to the very next request.
-        if let Some(rate) = self.rate() {
-            self.next_slot = self
-                .next_slot
-                .max(now + Duration::from_secs_f64(1.0 / rate));
-        }
-        true
-    }
-}
-
-/// Delay before retry number `attempt` (0-based): a random duration up to
-/// `initial * 2^attempt` capped at `max` (full jitter), or `Retry-After` when Crisp sent
-/// one, even beyond `max` (but never below `initial`).
-pub fn backoff(
-    attempt: u32,
-    initial: Duration,
-    max: Duration,
-    retry_after: Option<Duration>,
-) -> Duration {
-    if let Some(after) = retry_after {
-        // `0` or a past date would retry at once, in a tight loop: never below `initial`.
-        return after.max(initial);
-    }
-    let ceiling = initial
-        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-        .min(max);
-    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rand::rng().random_range(0..=nanos))
-}
-
-/// One message's retry budget.
+/// One message's retry budget, and when it must be handed back at the latest.
 #[derive(Debug)]
 pub struct Budget {
     started: Instant,
@@ -294,6 +117,8 @@ pub struct Budget {
     /// Requests accepted pod-wide when this message started: when its budget runs out
     /// with this unchanged, nothing got through for anyone (an outage).
     accepted_before: u64,
+    /// Before the broker's consumer timeout would close the channel holding it.
+    hand_back_at: Instant,
 }
 
 impl Budget {
@@ -301,15 +126,39 @@ impl Budget {
     pub fn attempts(&self) -> u32 {
         self.attempt
     }
+
+    pub fn hand_back_at(&self) -> Instant {
+        self.hand_back_at
+    }
 }
 
-/// Permission to send one request: a concurrency slot and a pacing turn.
+/// Permission to send one request: a concurrency slot and a pacing turn, or a hold's
+/// trial. Dropped without an answer ([`Flow::succeeded`], [`Flow::answered`]), a trial
+/// counts as failed.
 pub struct Permit<'a> {
+    flow: &'a Flow,
     _slot: Slot<'a>,
     sent_at: Instant,
+    trial: bool,
+    answered: bool,
 }
 
-/// Why nothing may be sent for a message now.
+impl Permit<'_> {
+    /// This request is a hold's trial.
+    pub fn is_trial(&self) -> bool {
+        self.trial
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.trial && !self.answered {
+            self.flow.trial_failed();
+        }
+    }
+}
+
+/// Why nothing may be sent for a message now: stopping, or its hand-back time came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotNow;
 
@@ -318,24 +167,36 @@ pub struct NotNow;
 pub enum Retry {
     /// Try again after this long.
     After(Duration),
-    /// The budget ran out while Crisp kept rate limiting, or for everyone (an outage):
-    /// a hold began; the message waits in the broker, not its fault.
-    Held,
+    /// A hold began (or goes on): wait for the gate with a fresh budget; the message
+    /// stays with the pod.
+    Hold,
+    /// The message's hand-back time comes before the next try: give it back now.
+    HandBack,
     /// The budget ran out while other messages got through: the message's own problem.
     Exhausted,
 }
 
 #[derive(Debug, Clone)]
 struct Settings {
-    initial_backoff: Duration,
+    retries: Backoff,
+    trials: Backoff,
     max_backoff: Duration,
     max_retry_time: Duration,
+}
+
+/// When the gate last reopened, and after how many failed trials: a hold that comes
+/// back soon after goes on from there instead of starting again at the first wait.
+#[derive(Debug, Clone, Copy)]
+struct Reopened {
+    at: Instant,
+    failed_trials: u32,
 }
 
 #[derive(Debug)]
 pub struct Flow {
     settings: Settings,
     published: watch::Sender<Published>,
+    reopened: Mutex<Option<Reopened>>,
     limit: AdaptiveLimit,
     pacing: Mutex<Pacing>,
     accepted: AtomicU64,
@@ -345,15 +206,25 @@ impl Flow {
     pub fn new(d: &DeliveryConfig) -> Self {
         Self {
             settings: Settings {
-                initial_backoff: d.initial_backoff,
+                retries: Backoff {
+                    initial: d.initial_backoff,
+                    max: d.max_backoff,
+                    jitter: Jitter::Full,
+                },
+                trials: Backoff {
+                    initial: d.initial_backoff.max(TRIAL_INITIAL),
+                    max: TRIAL_MAX.max(d.max_backoff),
+                    jitter: Jitter::Equal,
+                },
                 max_backoff: d.max_backoff,
                 max_retry_time: d.max_retry_time,
             },
             published: watch::Sender::new(Published {
                 gate: Gate::Open,
-                hold: None,
                 throttled: false,
+                dead_letters_blocked: false,
             }),
+            reopened: Mutex::new(None),
             limit: AdaptiveLimit::new(d.concurrency),
             pacing: Mutex::new(Pacing::new(d.max_requests_per_second)),
             accepted: AtomicU64::new(0),
@@ -361,123 +232,344 @@ impl Flow {
     }
 
     pub fn state(&self) -> FlowState {
-        self.published.borrow().state(Instant::now())
+        self.published.borrow().state()
     }
 
-    /// Resolves once nothing may be sent (refused, outage, or a hold began).
+    /// Resolves once nothing may be sent (a hold began, or dead letters are blocked).
     pub async fn closed(&self) {
         let mut rx = self.published.subscribe();
         // The sender lives as long as self, so this cannot fail while we wait.
-        let _ = rx.wait_for(|p| !p.state(Instant::now()).is_sending()).await;
+        let _ = rx.wait_for(|p| !p.state().is_sending()).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pacing> {
         self.pacing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn budget(&self) -> Budget {
+    /// A fresh retry budget for a message that must be handed back by `hand_back_at`.
+    pub fn budget(&self, hand_back_at: Instant) -> Budget {
         Budget {
             started: Instant::now(),
             attempt: 0,
             accepted_before: self.accepted.load(Ordering::Relaxed),
+            hand_back_at,
         }
     }
 
-    /// Waits for a concurrency slot and this request's turn. `NotNow` when stopping,
-    /// when the flow closed, or when Crisp's pause would overrun the message's budget (a
-    /// hold begins then, so the messages wait in the broker instead of near its consumer
-    /// timeout).
+    /// Waits for a concurrency slot and this request's turn, or, while a hold lasts,
+    /// for the gate to reopen or this message's turn to be the trial. `NotNow` when
+    /// stopping or when the message's hand-back time comes first.
     pub async fn permit(
         &self,
         budget: &Budget,
         stopping: &CancellationToken,
     ) -> Result<Permit<'_>, NotNow> {
-        if !self.state().is_sending() {
-            return Err(NotNow);
-        }
-        let paused = {
-            let pacing = self.lock();
-            pacing
-                .paused_until
-                .saturating_duration_since(Instant::now())
-        };
-        // Only a real pause turns into a hold: a zero-length one would still pause the
-        // consumer (and hand back every prefetched message) for nothing. Without a pause
-        // the attempt goes ahead, and `failed` says when the budget is spent.
-        if !paused.is_zero() && budget.started.elapsed() + paused > self.settings.max_retry_time {
-            self.hold_until(Instant::now() + paused);
-            return Err(NotNow);
-        }
-        // A free slot is taken without registering three waiters (and dropping them):
-        // that was a visible part of the CPU per message (issue 10).
-        let slot = match self.limit.try_acquire() {
-            Some(slot) => slot,
-            None => tokio::select! {
-                slot = self.limit.acquire() => slot,
-                _ = stopping.cancelled() => return Err(NotNow),
-                // Refused or an outage began while this waited: hand it back now.
-                _ = self.closed() => return Err(NotNow),
-            },
-        };
-        let mut waited = false;
-        let sent_at = loop {
-            let claimed = self.lock().claim(Instant::now(), waited);
-            match claimed {
-                Ok(at) => break at,
-                Err(turn) => {
-                    waited = true;
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(turn) => {}
-                        _ = stopping.cancelled() => return Err(NotNow),
-                        _ = self.closed() => return Err(NotNow),
-                    }
+        let deadline = budget.hand_back_at;
+        loop {
+            let trial = self.gate(deadline, stopping).await?;
+            if !trial {
+                let paused = {
+                    let pacing = self.lock();
+                    pacing
+                        .paused_until
+                        .saturating_duration_since(Instant::now())
+                };
+                // Crisp's pause would overrun the message's budget: a quota hold, so
+                // the trial after it goes alone instead of every waiting message.
+                if !paused.is_zero()
+                    && budget.started.elapsed() + paused > self.settings.max_retry_time
+                {
+                    self.close(Hold::Quota, Some(Instant::now() + paused));
+                    continue;
                 }
             }
-        };
-        if stopping.is_cancelled() || !self.state().is_sending() {
-            return Err(NotNow);
+            // A free slot is taken without registering waiters (and dropping them):
+            // that was a visible part of the CPU per message.
+            let slot = match self.limit.try_acquire() {
+                Some(slot) => slot,
+                None => tokio::select! {
+                    slot = self.limit.acquire() => slot,
+                    _ = stopping.cancelled() => return self.give_up(trial),
+                    _ = tokio::time::sleep_until(deadline) => return self.give_up(trial),
+                    // A hold began while this waited: wait at the gate instead.
+                    _ = self.closed(), if !trial => continue,
+                },
+            };
+            let sent_at = if trial {
+                Instant::now()
+            } else {
+                let mut waited = false;
+                let claimed = loop {
+                    let claimed = self.lock().claim(Instant::now(), waited);
+                    match claimed {
+                        Ok(at) => break Some(at),
+                        Err(turn) => {
+                            waited = true;
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(turn) => {}
+                                _ = stopping.cancelled() => return Err(NotNow),
+                                _ = tokio::time::sleep_until(deadline) => return Err(NotNow),
+                                _ = self.closed() => break None,
+                            }
+                        }
+                    }
+                };
+                match claimed {
+                    Some(at) if self.state().is_sending() => at,
+                    _ => continue,
+                }
+            };
+            if stopping.is_cancelled() {
+                return self.give_up(trial);
+            }
+            let permit = Permit {
+                flow: self,
+                _slot: slot,
+                sent_at,
+                trial,
+                answered: false,
+            };
+            let throttled = self.lock().learned.is_some();
+            // Read first: the write lock is only needed when it changes, which is rare.
+            if self.published.borrow().throttled != throttled {
+                self.published.send_if_modified(|p| {
+                    let changed = p.throttled != throttled;
+                    p.throttled = throttled;
+                    changed
+                });
+            }
+            return Ok(permit);
         }
-        let throttled = self.lock().learned.is_some();
-        // Read first: the write lock is only needed when it changes, which is rare.
-        if self.published.borrow().throttled != throttled {
-            self.published.send_if_modified(|p| {
-                let changed = p.throttled != throttled;
-                p.throttled = throttled;
-                changed
+    }
+
+    /// Waits until requests may be sent (`false`) or this caller holds the hold's trial
+    /// (`true`).
+    async fn gate(&self, deadline: Instant, stopping: &CancellationToken) -> Result<bool, NotNow> {
+        if self.state().is_sending() {
+            return Ok(false);
+        }
+        let mut rx = self.published.subscribe();
+        loop {
+            let published = *rx.borrow_and_update();
+            let now = Instant::now();
+            let trial_at = match published.gate {
+                _ if published.dead_letters_blocked => None,
+                Gate::Open => return Ok(false),
+                Gate::Closed {
+                    trial_out: true, ..
+                } => None,
+                Gate::Closed { trial_at, .. } if trial_at <= now => {
+                    if self.take_trial(now) {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                Gate::Closed { trial_at, .. } => Some(trial_at),
+            };
+            if now >= deadline {
+                return Err(NotNow);
+            }
+            let trial_due = async {
+                match trial_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = trial_due => {}
+                _ = stopping.cancelled() => return Err(NotNow),
+                _ = tokio::time::sleep_until(deadline) => return Err(NotNow),
+            }
+        }
+    }
+
+    /// Lets go of a trial taken for a message that will not be sent after all (stopping,
+    /// handed back): another waiting message takes it, at once.
+    fn give_up<T>(&self, trial: bool) -> Result<T, NotNow> {
+        if trial {
+            self.published.send_if_modified(|p| match &mut p.gate {
+                Gate::Closed { trial_out, .. } if *trial_out => {
+                    *trial_out = false;
+                    true
+                }
+                _ => false,
             });
         }
-        Ok(Permit {
-            _slot: slot,
-            sent_at,
-        })
+        Err(NotNow)
+    }
+
+    fn take_trial(&self, now: Instant) -> bool {
+        let mut taken = false;
+        self.published.send_if_modified(|p| {
+            if let Gate::Closed {
+                trial_at,
+                trial_out,
+                ..
+            } = &mut p.gate
+            {
+                if !*trial_out && *trial_at <= now && !p.dead_letters_blocked {
+                    *trial_out = true;
+                    taken = true;
+                }
+            }
+            taken
+        });
+        taken
+    }
+
+    /// A trial went unanswered or failed: the next waits longer.
+    fn trial_failed(&self) {
+        let trials = self.settings.trials;
+        let mut next = None;
+        self.published.send_if_modified(|p| match &mut p.gate {
+            Gate::Closed {
+                trial_at,
+                trial_out,
+                failed_trials,
+                ..
+            } if *trial_out => {
+                *trial_out = false;
+                *failed_trials = failed_trials.saturating_add(1);
+                let wait = trials.delay(*failed_trials);
+                *trial_at = (*trial_at).max(Instant::now() + wait);
+                next = Some(wait);
+                true
+            }
+            _ => false,
+        });
+        if let Some(wait) = next {
+            tracing::info!(
+                next_trial_ms = wait.as_millis() as u64,
+                "the trial request did not get through; trying again later"
+            );
+        }
+    }
+
+    /// Closes the gate for `why` (or raises its reason); the first trial waits at least
+    /// until `not_before`. True when this call closed it or raised its reason.
+    fn close(&self, why: Hold, not_before: Option<Instant>) -> bool {
+        let now = Instant::now();
+        // A hold that comes back soon after the last one ended goes on from there.
+        let carried = self
+            .reopened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|r| now.duration_since(r.at) < TRIAL_MAX)
+            .map_or(0, |r| r.failed_trials.saturating_add(1));
+        let first_wait = self.settings.trials.delay(carried);
+        let mut closed = false;
+        let mut raised = false;
+        self.published.send_if_modified(|p| match &mut p.gate {
+            Gate::Open => {
+                let at = now + first_wait;
+                p.gate = Gate::Closed {
+                    why,
+                    trial_at: not_before.map_or(at, |n| n.max(at)),
+                    trial_out: false,
+                    failed_trials: carried,
+                };
+                closed = true;
+                true
+            }
+            Gate::Closed {
+                why: current,
+                trial_at,
+                ..
+            } => {
+                let mut changed = false;
+                if why > *current {
+                    *current = why;
+                    raised = true;
+                    changed = true;
+                }
+                if let Some(n) = not_before.filter(|n| n > trial_at) {
+                    *trial_at = n;
+                    changed = true;
+                }
+                changed
+            }
+        });
+        if closed || raised {
+            metrics::crisp_refused(self.state() == FlowState::Refused);
+            metrics::crisp_outage(self.state() == FlowState::Outage);
+            metrics::holding(matches!(self.state(), FlowState::Held { .. }));
+        }
+        closed || raised
+    }
+
+    /// Crisp answered a request: a hold ends (this was its trial, or a request sent
+    /// before it began got through).
+    fn reopen(&self) {
+        let mut reopened = None;
+        self.published.send_if_modified(|p| match p.gate {
+            Gate::Closed {
+                why, failed_trials, ..
+            } => {
+                p.gate = Gate::Open;
+                reopened = Some((why, failed_trials));
+                true
+            }
+            Gate::Open => false,
+        });
+        if let Some((why, failed_trials)) = reopened {
+            *self.reopened.lock().unwrap_or_else(|p| p.into_inner()) = Some(Reopened {
+                at: Instant::now(),
+                failed_trials,
+            });
+            metrics::crisp_refused(false);
+            metrics::crisp_outage(false);
+            metrics::holding(false);
+            let was = match why {
+                Hold::Refused => "refused us",
+                Hold::Outage => "kept failing",
+                Hold::Quota => "kept rate limiting us",
+            };
+            tracing::info!(
+                failed_trials,
+                "Crisp accepts our requests again (it {was}); resuming"
+            );
+        }
     }
 
     /// Crisp accepted a request.
-    pub fn succeeded(&self, permit: Permit<'_>) {
+    pub fn succeeded(&self, mut permit: Permit<'_>) {
+        permit.answered = true;
         self.limit.on_success();
         self.accepted.fetch_add(1, Ordering::Relaxed);
         self.lock().accepted.push(Instant::now());
         drop(permit);
+        if !self.published.borrow().state().is_sending() {
+            self.reopen();
+        }
     }
 
-    /// Crisp refuses us (or redirects): closes the flow until a probe gets through; true
-    /// when this call closed it (so only one log line is written).
-    pub fn refuse(&self) -> bool {
-        self.set_gate(|g| g != Gate::Refused, Gate::Refused)
+    /// Crisp answered with the message's own fault (400, `people_not_found`): it is up
+    /// and takes our credentials, so a hold ends.
+    pub fn answered(&self, mut permit: Permit<'_>) {
+        permit.answered = true;
+        drop(permit);
+        if !self.published.borrow().state().is_sending() {
+            self.reopen();
+        }
+    }
+
+    /// Crisp refuses us (a 401/403, another 4xx that is not the message's fault, a
+    /// redirect): closes the gate until a trial gets through; true when this call
+    /// closed it (so only one log line is written).
+    pub fn refused(&self, permit: Option<Permit<'_>>) -> bool {
+        let closed = self.close(Hold::Refused, None);
+        drop(permit);
+        closed
     }
 
     /// A transient failure or a rate limit: what to do next with this message.
     pub fn failed(&self, permit: Permit<'_>, budget: &mut Budget, error: &CrispError) -> Retry {
         let s = &self.settings;
-        let wait = backoff(
-            budget.attempt,
-            s.initial_backoff,
-            s.max_backoff,
-            error.retry_after,
-        );
+        let wait = s.retries.retry_delay(budget.attempt, error.retry_after);
         let rate_limited = error.failure == Failure::RateLimited;
+        let now = Instant::now();
         if rate_limited {
-            let now = Instant::now();
             let mut pacing = self.lock();
             if pacing.cut(permit.sent_at, now) {
                 let rate = pacing.rate();
@@ -502,108 +594,71 @@ impl Flow {
             // Slow or failing answers: fewer requests in flight.
             self.limit.on_overload();
         }
+        let trial = permit.trial;
+        // A failed trial reschedules the next one.
         drop(permit);
+        if trial {
+            if rate_limited && error.retry_after.is_some() {
+                self.close(Hold::Quota, Some(now + wait));
+            }
+            return Retry::Hold;
+        }
+        if now + wait >= budget.hand_back_at {
+            return Retry::HandBack;
+        }
         if budget.started.elapsed() + wait <= s.max_retry_time {
             budget.attempt += 1;
             return Retry::After(wait);
         }
         if rate_limited {
-            // Crisp keeps saying "not now" (a spent quota): pause consuming so the
-            // messages wait in the broker instead of cycling.
+            // Crisp keeps saying "not now" (a spent quota): hold, so one trial at a
+            // time asks instead of every message cycling.
             let hold = wait.max(s.max_backoff);
-            if self.hold_until(Instant::now() + hold) {
-                tracing::warn!(hold_s = hold.as_secs(), error = %error, "Crisp keeps rate limiting us; pausing consumption");
+            if self.close(Hold::Quota, Some(now + hold)) {
+                tracing::warn!(hold_s = hold.as_secs(), error = %error, "Crisp keeps rate limiting us; holding (messages wait with the pod, one trial at a time)");
             }
-            return Retry::Held;
+            return Retry::Hold;
         }
         if self.accepted.load(Ordering::Relaxed) == budget.accepted_before {
-            // Nothing got through for anyone all this time: Crisp is down. Stop taking
-            // deliveries and probe, so no message burns its delivery limit cycling.
-            if self.set_gate(|g| g == Gate::Open, Gate::Outage) {
-                tracing::warn!(error = %error, "Crisp keeps failing; pausing consumption until a probe gets through (messages wait in the broker, nothing is dead-lettered)");
+            // Nothing got through for anyone all this time: Crisp is down.
+            if self.close(Hold::Outage, None) {
+                tracing::warn!(error = %error, "Crisp keeps failing; holding until a trial request gets through (messages wait with the pod, nothing is dead-lettered)");
             }
-            return Retry::Held;
+            return Retry::Hold;
         }
         Retry::Exhausted
     }
 
-    /// Holds consumption until `until` (extending a shorter hold); true when a hold
-    /// started now.
-    fn hold_until(&self, until: Instant) -> bool {
-        let now = Instant::now();
-        let mut started = false;
-        self.published.send_if_modified(|p| match p.hold {
-            Some(t) if t >= until => false,
-            current => {
-                started = current.is_none_or(|t| t <= now);
-                p.hold = Some(until);
-                true
-            }
-        });
-        if started {
-            metrics::holding(true);
-        }
-        started
-    }
-
-    /// Ends a hold (including one that expired unnoticed).
-    pub fn clear_hold(&self) {
-        let mut ended = false;
-        self.published.send_if_modified(|p| {
-            ended = p.hold.take().is_some();
-            ended
-        });
-        if ended {
-            metrics::holding(false);
-        }
-    }
-
-    fn set_gate(&self, when: impl Fn(Gate) -> bool, to: Gate) -> bool {
-        let changed = self.published.send_if_modified(|p| {
-            let change = when(p.gate);
-            if change {
-                p.gate = to;
-            }
+    /// A dead-letter copy found no queue: nothing is sent until one is taken; true when
+    /// this call blocked them.
+    pub fn block_dead_letters(&self) -> bool {
+        let blocked = self.published.send_if_modified(|p| {
+            let change = !p.dead_letters_blocked;
+            p.dead_letters_blocked = true;
             change
         });
-        if changed {
-            metrics::crisp_refused(to == Gate::Refused);
-            metrics::crisp_outage(to == Gate::Outage);
+        if blocked {
+            metrics::dead_letters_blocked(true);
         }
-        changed
+        blocked
     }
 
-    /// While refused or in an outage: probes Crisp with backoff (capped at 30 s) until it
-    /// answers and accepts our credentials again, then reopens.
-    pub async fn probe_until_open<F, Fut>(&self, probe: F, stop: &CancellationToken)
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<(), CrispError>>,
-    {
-        let mut delay = Duration::from_millis(500);
-        while matches!(self.state(), FlowState::Refused | FlowState::Outage) {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => return,
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-            match probe().await {
-                Ok(()) => {
-                    tracing::info!("Crisp accepts our requests again; resuming consumption");
-                    self.set_gate(|g| g != Gate::Open, Gate::Open);
-                }
-                Err(e) if e.failure == Failure::Refused => {
-                    if self.refuse() {
-                        tracing::error!(error = %e, "Crisp refuses our requests; pausing consumption until it accepts again (nothing is dead-lettered)");
-                    } else {
-                        tracing::warn!(error = %e, next_probe_s = delay.as_secs(), "Crisp still refuses us");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, next_probe_s = delay.as_secs(), "Crisp is still failing");
-                }
-            }
+    /// A dead-letter copy was taken by a queue again.
+    pub fn unblock_dead_letters(&self) -> bool {
+        let unblocked = self.published.send_if_modified(|p| {
+            let change = p.dead_letters_blocked;
+            p.dead_letters_blocked = false;
+            change
+        });
+        if unblocked {
+            metrics::dead_letters_blocked(false);
         }
+        unblocked
+    }
+
+    /// The backoff a blocked dead letter waits with between its attempts.
+    pub fn trial_backoff(&self) -> Backoff {
+        self.settings.trials
     }
 
     #[cfg(test)]
@@ -614,7 +669,9 @@ impl Flow {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pacing::WINDOW;
     use super::*;
+    use std::collections::VecDeque;
 
     fn config(max_rps: f64) -> DeliveryConfig {
         DeliveryConfig {
@@ -637,21 +694,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn backoff_is_jittered_capped_and_honours_retry_after() {
-        let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
-        for attempt in 0..10 {
-            let d = backoff(attempt, i, m, None);
-            assert!(
-                d <= (i * 2u32.pow(attempt)).min(m),
-                "attempt {attempt}: {d:?}"
-            );
-        }
-        assert_eq!(
-            backoff(3, i, m, Some(Duration::from_secs(7))),
-            Duration::from_secs(7)
-        );
-        assert!(backoff(u32::MAX, i, m, None) <= m);
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(24 * 3600)
     }
 
     #[tokio::test(start_paused = true)]
@@ -660,7 +704,7 @@ mod tests {
         let stop = CancellationToken::new();
         let start = Instant::now();
         for _ in 0..5 {
-            let p = flow.permit(&flow.budget(), &stop).await.unwrap();
+            let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
             flow.succeeded(p);
         }
         assert_eq!(start.elapsed(), Duration::from_millis(400));
@@ -671,7 +715,7 @@ mod tests {
     async fn retry_after_pauses_every_request() {
         let flow = Flow::new(&config(0.0));
         let stop = CancellationToken::new();
-        let mut budget = flow.budget();
+        let mut budget = flow.budget(far());
         let p = flow.permit(&budget, &stop).await.unwrap();
         let e = error(Failure::RateLimited, Some(Duration::from_secs(3)));
         assert_eq!(
@@ -679,7 +723,7 @@ mod tests {
             Retry::After(Duration::from_secs(3))
         );
         let start = Instant::now();
-        let p = flow.permit(&flow.budget(), &stop).await.unwrap();
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
         flow.succeeded(p);
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
@@ -692,7 +736,7 @@ mod tests {
         let mut window: VecDeque<Instant> = VecDeque::new();
         let (mut ok, mut refused) = (0, 0);
         while Instant::now() < end {
-            let mut budget = flow.budget();
+            let mut budget = flow.budget(far());
             let p = flow.permit(&budget, &stop).await.unwrap();
             let now = Instant::now();
             while window
@@ -744,50 +788,157 @@ mod tests {
         assert!(ok <= 201, "{ok}");
     }
 
+    /// Retries one message until the flow stops saying `After`.
+    async fn retry_until_not_after(flow: &Flow, failure: Failure) -> Retry {
+        let stop = CancellationToken::new();
+        let mut budget = flow.budget(far());
+        loop {
+            let p = flow.permit(&budget, &stop).await.unwrap();
+            match flow.failed(p, &mut budget, &error(failure, None)) {
+                Retry::After(d) => tokio::time::sleep(d).await,
+                other => return other,
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_spent_quota_holds_and_nothing_getting_through_is_an_outage() {
         let flow = Flow::new(&config(0.0));
         let stop = CancellationToken::new();
-        let mut budget = flow.budget();
-        let outcome = loop {
-            let p = flow.permit(&budget, &stop).await.unwrap();
-            match flow.failed(p, &mut budget, &error(Failure::RateLimited, None)) {
-                Retry::After(d) => tokio::time::sleep(d).await,
-                other => break other,
-            }
+        assert_eq!(
+            retry_until_not_after(&flow, Failure::RateLimited).await,
+            Retry::Hold
+        );
+        let FlowState::Held { until } = flow.state() else {
+            panic!("{:?}", flow.state())
         };
-        assert_eq!(outcome, Retry::Held);
-        assert!(matches!(flow.state(), FlowState::Held { .. }));
-        assert!(flow.permit(&flow.budget(), &stop).await.is_err());
-        flow.clear_hold();
+        // Nothing but the trial goes, and only at `until`.
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(p.is_trial());
+        assert!(Instant::now() >= until);
+        flow.succeeded(p);
         assert_eq!(flow.state(), FlowState::Throttled);
 
-        let mut budget = flow.budget();
-        let outcome = loop {
-            let p = flow.permit(&budget, &stop).await.unwrap();
-            match flow.failed(p, &mut budget, &error(Failure::Transient, None)) {
-                Retry::After(d) => tokio::time::sleep(d).await,
-                other => break other,
-            }
-        };
-        assert_eq!(outcome, Retry::Held);
+        assert_eq!(
+            retry_until_not_after(&flow, Failure::Transient).await,
+            Retry::Hold
+        );
         assert_eq!(flow.state(), FlowState::Outage);
-        assert!(flow.refuse(), "a refusal outranks an outage");
+        assert!(flow.refused(None), "a refusal outranks an outage");
         assert_eq!(flow.state(), FlowState::Refused);
-        flow.probe_until_open(|| async { Ok(()) }, &stop).await;
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(p.is_trial());
+        flow.answered(p);
         assert!(flow.state().is_sending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_trial_at_a_time_with_waits_that_grow_to_the_cap() {
+        let flow = std::sync::Arc::new(Flow::new(&config(0.0)));
+        let stop = CancellationToken::new();
+        assert!(flow.refused(None));
+        // Five held messages wait at the gate; each trial that fails lets the next go.
+        let trials = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for _ in 0..5 {
+            let (flow, stop, trials) = (flow.clone(), stop.clone(), trials.clone());
+            waiting.push(tokio::spawn(async move {
+                loop {
+                    let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+                    if !p.is_trial() {
+                        flow.succeeded(p);
+                        return;
+                    }
+                    let n = {
+                        let mut t = trials.lock().unwrap();
+                        t.push(Instant::now());
+                        t.len()
+                    };
+                    // Crisp answers the trial after 10 ms.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if n < 9 {
+                        assert!(!flow.refused(Some(p)), "already refused");
+                    } else {
+                        flow.succeeded(p);
+                        return;
+                    }
+                }
+            }));
+        }
+        for w in waiting {
+            w.await.unwrap();
+        }
+        let at = trials.lock().unwrap().clone();
+        assert_eq!(at.len(), 9);
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, gap) in gaps.iter().enumerate() {
+            // Trial n waits between half of and the whole 500 ms * 2^n (cap 30 s), after
+            // the 10 ms answer: never two at once, never in a tight loop.
+            let ceiling = (Duration::from_millis(500) * 2u32.pow(i as u32 + 1)).min(TRIAL_MAX);
+            assert!(
+                *gap >= ceiling / 2 && *gap <= ceiling + Duration::from_millis(10),
+                "gap {i}: {gap:?} (ceiling {ceiling:?})"
+            );
+        }
+        assert!(gaps[7] >= TRIAL_MAX / 2, "grew to the cap: {gaps:?}");
+        assert!(flow.state().is_sending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_soon_after_the_last_goes_on_from_its_wait() {
+        let flow = Flow::new(&config(0.0));
+        let stop = CancellationToken::new();
+        assert!(flow.refused(None));
+        for _ in 0..4 {
+            let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+            assert!(p.is_trial());
+            flow.refused(Some(p));
+        }
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        flow.succeeded(p);
+        // Refused again at once: the first trial waits as long as the fifth would have.
+        assert!(flow.refused(None));
+        let start = Instant::now();
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(p.is_trial());
+        assert!(
+            start.elapsed() >= Duration::from_secs(8),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(p);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_at_the_gate_ends_at_the_hand_back_time() {
+        let flow = Flow::new(&config(0.0));
+        let stop = CancellationToken::new();
+        assert!(flow.refused(None));
+        let start = Instant::now();
+        let budget = flow.budget(start + Duration::from_millis(200));
+        assert!(flow.permit(&budget, &stop).await.is_err());
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        // A trial taken by a message that then stops is let go, not lost.
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(p.is_trial());
+        drop(p);
+        stop.cancel();
+        assert!(flow.permit(&flow.budget(far()), &stop).await.is_err());
+        let stop = CancellationToken::new();
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(p.is_trial(), "the trial is still offered");
     }
 
     #[tokio::test(start_paused = true)]
     async fn failing_alone_while_others_get_through_is_exhausted() {
         let flow = Flow::new(&config(0.0));
         let stop = CancellationToken::new();
-        let mut budget = flow.budget();
+        let mut budget = flow.budget(far());
         let outcome = loop {
             let p = flow.permit(&budget, &stop).await.unwrap();
             match flow.failed(p, &mut budget, &error(Failure::Transient, None)) {
                 Retry::After(d) => {
-                    let other = flow.permit(&flow.budget(), &stop).await.unwrap();
+                    let other = flow.permit(&flow.budget(far()), &stop).await.unwrap();
                     flow.succeeded(other);
                     tokio::time::sleep(d).await
                 }
@@ -796,5 +947,30 @@ mod tests {
         };
         assert_eq!(outcome, Retry::Exhausted);
         assert!(flow.state().is_sending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_past_the_hand_back_time_hands_back() {
+        let flow = Flow::new(&config(0.0));
+        let stop = CancellationToken::new();
+        let mut budget = flow.budget(Instant::now() + Duration::from_millis(50));
+        let p = flow.permit(&budget, &stop).await.unwrap();
+        let e = error(Failure::Transient, Some(Duration::from_secs(1)));
+        assert_eq!(flow.failed(p, &mut budget, &e), Retry::HandBack);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blocked_dead_letters_stop_every_request() {
+        let flow = Flow::new(&config(0.0));
+        let stop = CancellationToken::new();
+        assert!(flow.block_dead_letters());
+        assert_eq!(flow.state(), FlowState::DeadLettersBlocked);
+        let budget = flow.budget(Instant::now() + Duration::from_secs(5));
+        assert!(
+            flow.permit(&budget, &stop).await.is_err(),
+            "no trial either"
+        );
+        assert!(flow.unblock_dead_letters());
+        assert!(flow.permit(&flow.budget(far()), &stop).await.is_ok());
     }
 }

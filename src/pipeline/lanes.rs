@@ -59,6 +59,13 @@ impl<J> Lanes<J> {
         next
     }
 
+    /// Closes the lane and gives back every job still queued on it, in order: a later
+    /// delivery of that person opens a new lane.
+    pub fn close(&self, key: u64) -> VecDeque<J> {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        queued.remove(&key).unwrap_or_default()
+    }
+
     #[cfg(test)]
     pub fn open_lanes(&self) -> usize {
         self.queued.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -83,5 +90,9 @@ mod tests {
         assert_eq!(lanes.next(a), None);
         assert_eq!(lanes.open_lanes(), 1);
         assert_eq!(lanes.push(a, 4), Some(4), "a closed lane reopens");
+        assert_eq!(lanes.push(a, 5), None);
+        assert_eq!(lanes.push(a, 6), None);
+        assert_eq!(Vec::from(lanes.close(a)), vec![5, 6]);
+        assert_eq!(lanes.push(a, 7), Some(7), "closed: the next push opens it");
     }
 }

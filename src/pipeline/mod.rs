@@ -1,18 +1,21 @@
 //! Runs deliveries: decode -> route/map -> (lane per people id) -> deliver through the
 //! [`Flow`] -> the message's [`fate`] -> settle, all settlements through one path.
 
+mod backoff;
 mod dedup;
 mod fate;
 mod flow;
 mod lanes;
 mod limit;
+mod pacing;
 
+pub use backoff::{Backoff, Jitter};
 pub use fate::{fate, FateSettings, Happened};
 pub use flow::{Flow, FlowState};
 
 use crate::broker::acks::Acks;
 use crate::broker::settle::{settle, Settled};
-use crate::config::DeliveryConfig;
+use crate::config::{AmqpConfig, DeliveryConfig};
 use crate::crisp::{CrispClient, Failure};
 use crate::decode::{decode, Incoming};
 use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason};
@@ -26,6 +29,7 @@ use lapin::message::Delivery;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -62,6 +66,9 @@ struct Job {
     mapped: Mapped,
     /// The duplicate window's id: CloudEvents `source` + `id`, else the AMQP `message_id`.
     id: Option<String>,
+    /// Handed back by then at the latest, waiting or not: well before the broker's
+    /// consumer timeout closes the channel holding it.
+    hand_back_at: Instant,
 }
 
 /// Settings the pipeline needs besides the delivery section.
@@ -70,6 +77,12 @@ pub struct PipelineSettings {
     pub create_missing_profiles: bool,
     pub dead_letter_exchange: String,
     pub max_message_bytes: usize,
+    /// How long a delivery may stay with the pod: half the broker's consumer timeout, so
+    /// a request started just before still settles in time.
+    pub hand_back_after: Duration,
+    /// The dead-letter topology to declare again when a dead-letter copy finds no
+    /// queue (`amqp.declare = true`); `None`: never declared by us.
+    pub redeclare: Option<Arc<AmqpConfig>>,
 }
 
 pub struct Pipeline {
@@ -79,7 +92,7 @@ pub struct Pipeline {
     lanes: Lanes<Job>,
     dedup: Dedup,
     /// Everything about when and how fast requests go to Crisp.
-    pub flow: Arc<Flow>,
+    flow: Arc<Flow>,
     tasks: TaskTracker,
     /// Shutdown began: start nothing new, requeue what waits.
     stopping: CancellationToken,
@@ -106,10 +119,16 @@ impl Pipeline {
         &self.router
     }
 
+    /// The flow's state, for readiness (only the flow writes it).
+    pub fn flow(&self) -> Arc<Flow> {
+        Arc::clone(&self.flow)
+    }
+
     /// Takes one delivery from the consumer. Never blocks on Crisp: deliveries run on
     /// their person's lane.
     pub fn handle(self: &Arc<Self>, acks: Arc<Acks>, delivery: Delivery) {
         acks.received(delivery.delivery_tag);
+        let hand_back_at = Instant::now() + self.settings.hand_back_after;
         let max = self.settings.max_message_bytes;
         let mut id = None;
         let decision = if delivery.data.len() > max {
@@ -137,11 +156,23 @@ impl Pipeline {
                 let happened = Happened::Unmatched {
                     routing_key: delivery.routing_key.to_string(),
                 };
-                return self.settle_in_background(acks, delivery, NO_RULE.into(), happened);
+                return self.settle_in_background(
+                    acks,
+                    delivery,
+                    NO_RULE.into(),
+                    happened,
+                    hand_back_at,
+                );
             }
             Routed::Invalid(dl) => {
                 let rule = dl.rule.clone().unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(acks, delivery, rule, Happened::Invalid(dl));
+                return self.settle_in_background(
+                    acks,
+                    delivery,
+                    rule,
+                    Happened::Invalid(dl),
+                    hand_back_at,
+                );
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
@@ -151,6 +182,7 @@ impl Pipeline {
             delivery,
             mapped,
             id,
+            hand_back_at,
         };
         if let Some(first) = self.lanes.push(key, job) {
             self.tasks.spawn(Arc::clone(self).run_lane(key, first));
@@ -163,26 +195,61 @@ impl Pipeline {
         delivery: Delivery,
         rule: String,
         happened: Happened,
+        hand_back_at: Instant,
     ) {
         let this = Arc::clone(self);
-        self.tasks
-            .spawn(async move { this.finish(&acks, &delivery, &rule, happened).await });
+        self.tasks.spawn(async move {
+            this.finish(&acks, &delivery, &rule, happened, hand_back_at)
+                .await
+        });
     }
 
-    /// Runs `job`, then the lane's next ones. (Futures here are kept small: every
-    /// prefetched message may hold a lane task, and its state is moved and allocated.)
+    /// Runs `job`, then the lane's next ones. When one is handed back to the broker, the
+    /// lane's later ones go back with it, in order, so none of that person's later
+    /// events overtakes it. (Futures here are kept small: every prefetched message may
+    /// hold a lane task, and its state is moved and allocated.)
     async fn run_lane(self: Arc<Self>, key: u64, mut job: Job) {
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
             let happened = contain_panic(self.run_job(&job), &job.mapped.rule).await;
-            self.finish(&job.acks, &job.delivery, &job.mapped.rule, happened)
-                .await;
+            // Taken off the lane before the message goes back: its redelivery may arrive
+            // at once and must not queue behind the later ones.
+            let later = self.goes_back(&happened).then(|| self.lanes.close(key));
+            self.finish(
+                &job.acks,
+                &job.delivery,
+                &job.mapped.rule,
+                happened,
+                job.hand_back_at,
+            )
+            .await;
+            if let Some(later) = later {
+                for job in later {
+                    self.finish(
+                        &job.acks,
+                        &job.delivery,
+                        &job.mapped.rule,
+                        Happened::NotStarted,
+                        job.hand_back_at,
+                    )
+                    .await;
+                }
+                return;
+            }
             match self.lanes.next(key) {
                 Some(next) => job = next,
                 None => return,
             }
         }
+    }
+
+    /// The message's fate is to go back to the queue.
+    fn goes_back(&self, happened: &Happened) -> bool {
+        let settings = FateSettings {
+            unmatched: self.settings.delivery.unmatched,
+        };
+        matches!(fate(happened.clone(), settings), Disposition::Requeue(_))
     }
 
     async fn run_job(&self, job: &Job) -> Happened {
@@ -192,7 +259,9 @@ impl Pipeline {
             // The channel died while this waited: the broker redelivers the message
             // on the new channel, so posting it now would only make a duplicate.
             Happened::ChannelGone
-        } else if self.not_now() {
+        } else if self.stopping.is_cancelled() || Instant::now() >= job.hand_back_at {
+            // Stopping, or it waited behind its person's earlier messages until its
+            // hand-back time.
             Happened::NotStarted
         } else if message_id.is_some_and(|id| self.dedup.seen(id, body)) {
             // Checked here, not on arrival: a redelivery queued behind its own
@@ -201,7 +270,7 @@ impl Pipeline {
             tracing::info!(rule = %job.mapped.rule, "this message (same message_id, same body) was already delivered by this pod; acking the redelivery without posting it again");
             Happened::Duplicate
         } else {
-            self.deliver(&job.mapped).await
+            self.deliver(&job.mapped, job.hand_back_at).await
         };
         if let (Happened::Delivered, Some(id)) = (&happened, message_id) {
             self.dedup.remember(id, body);
@@ -209,14 +278,19 @@ impl Pipeline {
         happened
     }
 
-    /// Sends one event through the flow, retrying as the flow says.
-    async fn deliver(&self, mapped: &Mapped) -> Happened {
-        let mut budget = self.flow.budget();
+    /// Sends one event through the flow, retrying as the flow says; while a hold lasts
+    /// the message waits with the pod (it may be the hold's trial), until `hand_back_at`.
+    async fn deliver(&self, mapped: &Mapped, hand_back_at: Instant) -> Happened {
+        let mut budget = self.flow.budget(hand_back_at);
         let mut created_profile = false;
         loop {
             let Ok(permit) = self.flow.permit(&budget, &self.stopping).await else {
                 return Happened::NotStarted;
             };
+            if permit.is_trial() {
+                // The key may have been rotated while Crisp refused it.
+                self.client.reload_credentials();
+            }
             metrics::in_flight(1.0);
             let result = tokio::select! {
                 r = self.client.add_event(&mapped.people_id, &mapped.event) => Some(r),
@@ -235,24 +309,30 @@ impl Pipeline {
             let rule = mapped.rule.to_string();
             match error.failure {
                 Failure::Rejected => {
+                    self.flow.answered(permit);
                     return Happened::CrispRejected {
                         detail: error.message,
                         rule,
-                    }
+                    };
                 }
                 Failure::PeopleNotFound
                     if self.settings.create_missing_profiles
                         && !created_profile
                         && mapped.people_id.contains('@') =>
                 {
-                    drop(permit);
+                    self.flow.answered(permit);
                     created_profile = true;
                     match Box::pin(self.client.create_profile(&mapped.people_id)).await {
                         Ok(()) => {
                             tracing::info!(rule = %mapped.rule, people_id = %who, "created the missing Crisp profile; sending the event once more");
                             continue;
                         }
-                        Err(e) if e.failure == Failure::Refused => return self.refused(&e.message),
+                        Err(e) if e.failure == Failure::Refused => {
+                            self.refused(None, &e);
+                            created_profile = false;
+                            budget = self.flow.budget(hand_back_at);
+                            continue;
+                        }
                         Err(e) => {
                             tracing::warn!(rule = %mapped.rule, people_id = %who, error = %e, "could not create the missing Crisp profile");
                             return Happened::PeopleNotFound {
@@ -265,6 +345,7 @@ impl Pipeline {
                     }
                 }
                 Failure::PeopleNotFound => {
+                    self.flow.answered(permit);
                     let hint = if self.settings.create_missing_profiles {
                         "and it cannot be created (only emails can)"
                     } else {
@@ -275,11 +356,19 @@ impl Pipeline {
                         rule,
                     };
                 }
-                Failure::Refused => return self.refused(&error.message),
+                Failure::Refused => {
+                    // Not the message's fault: it waits with the pod for the gate.
+                    self.refused(Some(permit), &error);
+                    budget = self.flow.budget(hand_back_at);
+                }
                 Failure::Transient | Failure::RateLimited => {
                     let attempts = budget.attempts() + 1;
                     match self.flow.failed(permit, &mut budget, &error) {
-                        Retry::Held => return Happened::Held,
+                        Retry::Hold => budget = self.flow.budget(hand_back_at),
+                        Retry::HandBack => {
+                            tracing::info!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "handing the message back before the broker's consumer timeout (amqp.consumer_timeout)");
+                            return Happened::NotStarted;
+                        }
                         Retry::Exhausted => {
                             tracing::warn!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "giving up for now after max_retry_time; requeueing");
                             return Happened::RetriesExhausted;
@@ -291,13 +380,16 @@ impl Pipeline {
                                 tokio::select! {
                                     _ = tokio::time::sleep(wait) => true,
                                     _ = self.stopping.cancelled() => false,
-                                    // Paused for a refusal, an outage or a hold: hand it
-                                    // back now, not after the backoff.
-                                    _ = self.flow.closed() => false,
+                                    // A hold began: wait at the gate (with a fresh
+                                    // budget), not out the backoff.
+                                    _ = self.flow.closed() => true,
                                 }
                             });
                             if !waited.await {
                                 return Happened::NotStarted;
+                            }
+                            if !self.flow.state().is_sending() {
+                                budget = self.flow.budget(hand_back_at);
                             }
                         }
                     }
@@ -306,27 +398,34 @@ impl Pipeline {
         }
     }
 
-    /// Nothing may be sent now: shutting down, refused, in an outage, or holding.
-    fn not_now(&self) -> bool {
-        self.stopping.is_cancelled() || !self.flow.state().is_sending()
-    }
-
-    fn refused(&self, message: &str) -> Happened {
-        if self.flow.refuse() {
-            tracing::error!(error = message, "Crisp refuses our requests; pausing consumption until it accepts again (nothing is dead-lettered)");
+    fn refused(&self, permit: Option<flow::Permit<'_>>, error: &crate::crisp::CrispError) {
+        if self.flow.refused(permit) {
+            tracing::error!(status = error.status, reason = error.reason.as_deref(), error = %error, "Crisp refuses our requests; holding until a trial request gets through (messages wait with the pod, nothing is dead-lettered)");
         }
-        Happened::Refused
     }
 
     /// Requeues a delivery that was prefetched but never started (the consumer stopped).
     pub async fn hand_back(&self, acks: &Acks, delivery: &Delivery) {
         acks.received(delivery.delivery_tag);
-        self.finish(acks, delivery, NO_RULE, Happened::NotStarted)
-            .await;
+        self.finish(
+            acks,
+            delivery,
+            NO_RULE,
+            Happened::NotStarted,
+            Instant::now(),
+        )
+        .await;
     }
 
     /// The one path every delivery is settled through: its fate, then the broker.
-    async fn finish(&self, acks: &Acks, delivery: &Delivery, rule: &str, happened: Happened) {
+    async fn finish(
+        &self,
+        acks: &Acks,
+        delivery: &Delivery,
+        rule: &str,
+        happened: Happened,
+        hand_back_at: Instant,
+    ) {
         let settings = FateSettings {
             unmatched: self.settings.delivery.unmatched,
         };
@@ -335,27 +434,10 @@ impl Pipeline {
             // Sent by the session's flusher, usually with others (`multiple`).
             acks.ack(delivery.delivery_tag);
         } else {
-            let channel = acks.channel();
-            let dead_letter_exchange = &self.settings.dead_letter_exchange;
             // Boxed: the rare path's future (a dead letter's publish and confirm) would
-            // otherwise size every lane's task (issue 10).
-            let settled = Box::pin(settle(
-                channel,
-                dead_letter_exchange,
-                delivery,
-                &disposition,
-            ))
-            .await;
-            if settled == Settled::DeadLetterFailed {
-                disposition = fate(Happened::DeadLetterUnconfirmed, settings);
-                Box::pin(settle(
-                    channel,
-                    dead_letter_exchange,
-                    delivery,
-                    &disposition,
-                ))
-                .await;
-            }
+            // otherwise size every lane's task.
+            disposition =
+                Box::pin(self.settle_rare(acks, delivery, disposition, hand_back_at)).await;
             // Only now may a batch cover the tags above this one.
             acks.settled(delivery.delivery_tag);
         }
@@ -375,36 +457,90 @@ impl Pipeline {
         }
     }
 
-    /// Probes Crisp with backoff (capped at 30 s) until it answers and accepts our
-    /// credentials again (after a refusal, a redirect or an outage).
-    pub async fn wait_until_crisp_accepts(&self, stop: &CancellationToken) {
-        self.flow
-            .probe_until_open(|| self.client.probe(), stop)
-            .await;
+    /// Settles a dead letter or a requeue; returns what was done in the end.
+    async fn settle_rare(
+        &self,
+        acks: &Acks,
+        delivery: &Delivery,
+        disposition: Disposition,
+        hand_back_at: Instant,
+    ) -> Disposition {
+        let channel = acks.channel();
+        let exchange = &self.settings.dead_letter_exchange;
+        let settings = FateSettings {
+            unmatched: self.settings.delivery.unmatched,
+        };
+        let mut redeclared = false;
+        let mut blocked_attempt = 0u32;
+        loop {
+            match settle(channel, exchange, delivery, &disposition).await {
+                Settled::Done | Settled::Stale => {
+                    if blocked_attempt > 0 && self.flow.unblock_dead_letters() {
+                        tracing::info!(exchange = %exchange, "a queue takes dead-letter copies again; resuming");
+                    }
+                    return disposition;
+                }
+                Settled::DeadLetterFailed => {
+                    let requeue = fate(Happened::DeadLetterUnconfirmed, settings);
+                    settle(channel, exchange, delivery, &requeue).await;
+                    return requeue;
+                }
+                Settled::DeadLetterReturned => {}
+            }
+            // No queue took the copy: the original stays unacked (it is not lost, and
+            // it does not go back to the queue, where the broker's own dead-lettering
+            // would find no queue either).
+            if let (Some(amqp), false) = (&self.settings.redeclare, redeclared) {
+                redeclared = true;
+                match crate::broker::declare_dead_letter_topology(channel, amqp).await {
+                    Ok(()) => {
+                        tracing::warn!(exchange = %exchange, queue = %amqp.dead_letter_queue, "a dead-letter copy found no queue; declared the dead-letter queue again and sending the copy again");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(exchange = %exchange, error = %e, "a dead-letter copy found no queue, and declaring the dead-letter topology again failed")
+                    }
+                }
+            }
+            if self.flow.block_dead_letters() {
+                tracing::error!(exchange = %exchange, "a dead-letter copy found no queue bound to the dead-letter exchange; holding (nothing is sent, /readyz fails) until one is: bind amqp.dead_letter_queue to it, or set amqp.declare = true");
+            }
+            let wait = self.flow.trial_backoff().delay(blocked_attempt);
+            blocked_attempt = blocked_attempt.saturating_add(1);
+            let until = (Instant::now() + wait).min(hand_back_at);
+            let waited = tokio::select! {
+                _ = tokio::time::sleep_until(until) => Instant::now() < hand_back_at,
+                _ = self.stopping.cancelled() => false,
+            };
+            if !waited || !channel.status().connected() {
+                // Stopping, or held as long as the consumer timeout allows: back to
+                // the queue, uncounted; the next attempt is the next delivery's.
+                let requeue = fate(Happened::NotStarted, settings);
+                settle(channel, exchange, delivery, &requeue).await;
+                return requeue;
+            }
+        }
     }
-
-    /// Waits until nothing is running (used before closing a channel we stop consuming on).
-    pub async fn wait_idle(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
-        self.tasks.reopen();
-    }
-
-    /// Stops taking work: deliveries waiting in lanes are requeued, in-flight ones get
-    /// `timeout` to finish, then they are abandoned and requeued.
-    pub async fn shutdown(&self, timeout: Duration) {
+    /// Stops taking work: deliveries waiting (in lanes, at the gate, in a backoff) are
+    /// requeued at once, in-flight ones get until `deadline` to finish, then they are
+    /// abandoned and requeued; settling those gets until `give_up_at`.
+    pub async fn shutdown(&self, deadline: Instant, give_up_at: Instant) {
         self.stopping.cancel();
         self.tasks.close();
-        if tokio::time::timeout(timeout, self.tasks.wait())
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                timeout_s = timeout.as_secs_f64(),
                 "in-flight deliveries did not finish in shutdown_timeout; requeueing them"
             );
             self.abandon.cancel();
-            self.tasks.wait().await;
+            if tokio::time::timeout_at(give_up_at, self.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("some deliveries could not be settled in time; the broker requeues them when the connection closes");
+            }
         }
     }
 }

@@ -88,6 +88,9 @@ struct Settings {
     rate_limit: Option<u32>,
     /// Send `Retry-After: 1` with rate-limit answers (default off).
     rate_limit_retry_after: Option<bool>,
+    /// Routes failing on their own: `{"add_event": {"status": 503}}`, `{"add_event":
+    /// {"status": 403, "reason": "restricted_route_tier"}}`; `null` restores a route.
+    route_status: Option<std::collections::HashMap<super::Route, Option<super::RouteStatus>>>,
 }
 
 async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) -> impl IntoResponse {
@@ -119,6 +122,12 @@ async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) ->
     if let Some(v) = s.rate_limit {
         let retry_after = s.rate_limit_retry_after.unwrap_or(false);
         inner.rate_limit = (v > 0).then(|| super::RateLimit::new(v, retry_after));
+    }
+    for (route, status) in s.route_status.unwrap_or_default() {
+        match status {
+            Some(st) => inner.route_status.insert(route, st),
+            None => inner.route_status.remove(&route),
+        };
     }
     if s.clear_faults == Some(true) {
         inner.faults.clear();

@@ -2,7 +2,7 @@
 //! answers them.
 
 use super::raw::{raw_lines, RAW_LINES_HEADER, SINGLETON_HEADERS, VIOLATION_HEADER};
-use super::{Attempt, Fault, Inner, ReceivedEvent, SandboxState};
+use super::{Attempt, Fault, Inner, ReceivedEvent, Route, SandboxState};
 use crate::outcome::mask_people_id;
 use axum::body::Bytes;
 use axum::extract::Request;
@@ -105,6 +105,7 @@ fn bad_request(reason: &str, message: String) -> Response {
 async fn record(State(state): State<SandboxState>, request: Request, next: Next) -> Response {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
+    let at_ms = now_ms();
     let header_lines = match request
         .headers()
         .get(RAW_LINES_HEADER)
@@ -118,6 +119,7 @@ async fn record(State(state): State<SandboxState>, request: Request, next: Next)
         method,
         path,
         status: response.status().as_u16(),
+        at_ms,
         header_lines,
     });
     response
@@ -162,8 +164,14 @@ fn error(status: u16, reason: &str) -> Response {
     envelope(status, true, reason, json!({}))
 }
 
-/// Basic auth, then tier, then website: the order Crisp's gateway checks them in.
-fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(), Box<Response>> {
+/// Basic auth, then tier, then website: the order Crisp's gateway checks them in; then
+/// a failing route's own answer.
+fn authorize(
+    inner: &Inner,
+    headers: &HeaderMap,
+    website_id: &str,
+    route: Route,
+) -> Result<(), Box<Response>> {
     if let Some(status) = inner.down_status {
         return Err(Box::new(error(status, "internal_error")));
     }
@@ -188,6 +196,13 @@ fn authorize(inner: &Inner, headers: &HeaderMap, website_id: &str) -> Result<(),
     if !inner.options.website_ids.iter().any(|w| w == website_id) {
         return Err(Box::new(error(404, "not_subscribed")));
     }
+    if let Some(failing) = inner.route_status.get(&route) {
+        let reason = failing
+            .reason
+            .clone()
+            .unwrap_or_else(|| default_reason(failing.status).to_owned());
+        return Err(Box::new(error(failing.status, &reason)));
+    }
     Ok(())
 }
 
@@ -203,13 +218,17 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Takes the next fault, if any, counting down its `times`.
-fn next_fault(inner: &mut Inner) -> Option<Fault> {
-    let front = inner.faults.front_mut()?;
-    let fault = front.clone();
-    front.times = front.times.saturating_sub(1);
-    if front.times == 0 {
-        inner.faults.pop_front();
+/// Takes the next fault for an event to `people_id`, if any, counting down its `times`.
+fn next_fault(inner: &mut Inner, people_id: &str) -> Option<Fault> {
+    let at = inner
+        .faults
+        .iter()
+        .position(|f| f.people_id.as_deref().is_none_or(|p| p == people_id))?;
+    let entry = &mut inner.faults[at];
+    let fault = entry.clone();
+    entry.times = entry.times.saturating_sub(1);
+    if entry.times == 0 {
+        inner.faults.remove(at);
     }
     Some(fault)
 }
@@ -221,24 +240,26 @@ fn fault_response(fault: &Fault, status: u16) -> Response {
             raw.clone(),
         )
             .into_response(),
-        None => {
-            let reason = match status {
-                420 | 429 => "rate_limited",
-                400 => "invalid_data",
-                401 => "invalid_session",
-                402 => "plan_required",
-                403 => "restricted_route_tier",
-                404 => "not_found",
-                500..=599 => "internal_error",
-                _ => "error",
-            };
-            error(status, reason)
-        }
+        None => error(status, default_reason(status)),
     };
     if let Some(v) = fault.retry_after.as_deref().and_then(|v| v.parse().ok()) {
         response.headers_mut().insert("retry-after", v);
     }
     response
+}
+
+/// The envelope reason Crisp gives with a status, as far as documented.
+fn default_reason(status: u16) -> &'static str {
+    match status {
+        420 | 429 => "rate_limited",
+        400 => "invalid_data",
+        401 => "invalid_session",
+        402 => "plan_required",
+        403 => "restricted_route_tier",
+        404 => "not_found",
+        500..=599 => "internal_error",
+        _ => "error",
+    }
 }
 
 async fn add_event(
@@ -250,7 +271,7 @@ async fn add_event(
 ) -> Response {
     let (fault, latency, limited) = {
         let mut inner = state.lock();
-        let fault = next_fault(&mut inner);
+        let fault = next_fault(&mut inner, &people_id);
         // Judged on arrival, like a real limiter in front of the API.
         let limited = match inner.rate_limit.as_mut() {
             Some(limit) if fault.as_ref().and_then(|f| f.status).is_none() => {
@@ -289,7 +310,7 @@ fn accept_event(
     body: &Bytes,
 ) -> Response {
     let mut inner = state.lock();
-    if let Err(r) = authorize(&inner, headers, &website_id) {
+    if let Err(r) = authorize(&inner, headers, &website_id, Route::AddEvent) {
         return *r;
     }
     let content_type = headers
@@ -376,7 +397,7 @@ async fn list_events(
     headers: HeaderMap,
 ) -> Response {
     let inner = state.lock();
-    if let Err(r) = authorize(&inner, &headers, &website_id) {
+    if let Err(r) = authorize(&inner, &headers, &website_id, Route::GetProfile) {
         return *r;
     }
     let ids: Vec<String> = match inner
@@ -408,7 +429,7 @@ async fn create_profile(
 ) -> Response {
     let response = {
         let mut inner = state.lock();
-        match authorize(&inner, &headers, &website_id) {
+        match authorize(&inner, &headers, &website_id, Route::CreateProfile) {
             Err(r) => *r,
             Ok(()) => match serde_json::from_slice::<Value>(&body) {
                 Ok(Value::Object(o)) => match o.get("email").and_then(Value::as_str) {
@@ -436,7 +457,7 @@ async fn get_profile(
 ) -> Response {
     let response = {
         let inner = state.lock();
-        match authorize(&inner, &headers, &website_id) {
+        match authorize(&inner, &headers, &website_id, Route::GetProfile) {
             Err(r) => *r,
             Ok(()) => match inner
                 .profiles

@@ -77,6 +77,9 @@ pub struct Attempt {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// When the request arrived, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_ms: u64,
     /// Every header line exactly as received, in order (the credential in
     /// `Authorization` redacted).
     #[serde(default)]
@@ -102,6 +105,9 @@ pub struct Fault {
     /// Delay before answering, in milliseconds.
     #[serde(default)]
     pub delay_ms: u64,
+    /// Only for events to this people id (as decoded from the path); absent: any.
+    #[serde(default)]
+    pub people_id: Option<String>,
 }
 
 fn one() -> u32 {
@@ -132,6 +138,30 @@ pub(crate) struct Inner {
     pub(crate) faults: VecDeque<Fault>,
     /// A shared rate limit on event POSTs, like Crisp's per-token limit.
     pub(crate) rate_limit: Option<RateLimit>,
+    /// Routes answering a fixed status (and envelope reason) behind the auth checks,
+    /// while the others work: a partial outage, a route retired or not in our tier.
+    pub(crate) route_status: HashMap<Route, RouteStatus>,
+}
+
+/// The Crisp routes the sandbox serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// `POST .../people/events/{people_id}`
+    AddEvent,
+    /// `POST .../people/profile`
+    CreateProfile,
+    /// `GET .../people/profile/{people_id}`
+    GetProfile,
+}
+
+/// What a route answers while it is failing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RouteStatus {
+    pub status: u16,
+    /// The envelope's `reason` (default: one fitting the status).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// At most `per_second` event POSTs in any sliding 1 s window; the rest get 429.
@@ -188,6 +218,7 @@ impl SandboxState {
             by_email: HashMap::new(),
             faults: VecDeque::new(),
             rate_limit: None,
+            route_status: HashMap::new(),
         })))
     }
 
@@ -231,6 +262,16 @@ impl SandboxState {
     /// Crisp is down: every Crisp route answers `status` (None: back up).
     pub fn set_down(&self, status: Option<u16>) {
         self.lock().down_status = status;
+    }
+
+    /// `route` answers `status` (behind the auth checks) while the others work; `None`
+    /// restores it.
+    pub fn set_route_status(&self, route: Route, status: Option<RouteStatus>) {
+        let mut inner = self.lock();
+        match status {
+            Some(s) => inner.route_status.insert(route, s),
+            None => inner.route_status.remove(&route),
+        };
     }
 
     pub fn set_refuse(&self, refuse: bool) {

@@ -25,6 +25,7 @@ pub const CRISP_OUTAGE: &str = "crisp_bridge_crisp_outage_hold";
 pub const LANE_PANICS: &str = "crisp_bridge_lane_panics_total";
 pub const CONCURRENCY_LIMIT: &str = "crisp_bridge_concurrency_limit";
 pub const HOLDING: &str = "crisp_bridge_rate_limit_hold";
+pub const DEAD_LETTERS_BLOCKED: &str = "crisp_bridge_dead_letters_blocked";
 pub const BUILD_INFO: &str = "crisp_bridge_build_info";
 pub const MESSAGE_AGE: &str = "crisp_bridge_message_age_seconds";
 
@@ -134,7 +135,11 @@ fn describe() {
     describe_counter!(BROKER_CONNECTS, "Broker connection attempts, by result.");
     describe_gauge!(
         HOLDING,
-        "1 while consumption is paused for Crisp's rate limit or spent daily quota (messages wait in the broker)."
+        "1 while Crisp keeps rate limiting us (a spent daily quota?): nothing is sent but one trial request at a time; messages wait with the pod."
+    );
+    describe_gauge!(
+        DEAD_LETTERS_BLOCKED,
+        "1 while dead-letter copies find no queue (the dead-letter queue is missing): nothing is sent, /readyz fails."
     );
     describe_gauge!(
         CONCURRENCY_LIMIT,
@@ -151,7 +156,7 @@ fn describe() {
     );
     describe_gauge!(
         CRISP_OUTAGE,
-        "1 while Crisp keeps failing and consumption is paused (messages wait in the broker)."
+        "1 while Crisp keeps failing: nothing is sent but one trial request at a time (messages wait with the pod)."
     );
     describe_counter!(
         LANE_PANICS,
@@ -228,6 +233,7 @@ pub fn register(rules: &[&str]) {
         CRISP_REFUSED,
         CRISP_OUTAGE,
         HOLDING,
+        DEAD_LETTERS_BLOCKED,
         CRISP_REQUESTS_TODAY,
     ] {
         gauge!(name).increment(0.0);
@@ -389,6 +395,10 @@ pub fn concurrency_limit(limit: f64) {
 
 pub fn request_rate_limit(per_second: f64) {
     gauge!(REQUEST_RATE_LIMIT).set(per_second);
+}
+
+pub fn dead_letters_blocked(on: bool) {
+    gauge!(DEAD_LETTERS_BLOCKED).set(if on { 1.0 } else { 0.0 });
 }
 
 pub fn holding(on: bool) {

@@ -2,8 +2,10 @@
 
 pub mod metrics;
 
+use crate::config::redact::scrub;
 use crate::config::{LogConfig, LogFormat};
 use crate::outcome::mask_emails;
+use std::borrow::Cow;
 use std::fmt;
 use std::io::{self, IsTerminal};
 use tracing_subscriber::field::RecordFields;
@@ -90,8 +92,11 @@ fn write_escaped(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
     Ok(())
 }
 
-/// Log output with every email-like word masked, whatever field or message holds it.
-/// The fmt layer hands each formatted event over in one write, so no address is split.
+/// Log output with every remembered secret and URL password removed (see
+/// [`crate::config::redact`]), then every email-like word masked, whatever field or
+/// message holds them. The fmt layer hands each formatted event over in one write, so
+/// nothing is split. Secrets go first: masking an email-like `pass@host` first would
+/// leave the start of the password.
 #[derive(Debug, Clone)]
 pub struct MaskEmails<M>(pub M);
 
@@ -106,12 +111,18 @@ pub struct MaskingWriter<W>(W);
 
 impl<W: io::Write> io::Write for MaskingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match std::str::from_utf8(buf) {
-            Ok(text) if text.contains('@') => {
-                self.0.write_all(mask_emails(text).as_bytes())?;
-                Ok(buf.len())
-            }
-            _ => self.0.write(buf),
+        let Ok(text) = std::str::from_utf8(buf) else {
+            return self.0.write(buf);
+        };
+        let scrubbed = scrub(text);
+        if scrubbed.contains('@') {
+            self.0.write_all(mask_emails(&scrubbed).as_bytes())?;
+            Ok(buf.len())
+        } else if let Cow::Owned(scrubbed) = scrubbed {
+            self.0.write_all(scrubbed.as_bytes())?;
+            Ok(buf.len())
+        } else {
+            self.0.write(buf)
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -190,6 +201,23 @@ mod tests {
         );
         assert!(text.contains("x\\n{\"level\""), "{text}");
         assert!(text.contains("\\u{1b}[31m"), "{text}");
+    }
+
+    #[test]
+    fn logs_hold_no_remembered_secret_and_no_url_password() {
+        crate::config::redact::remember_url("amqp:guest:T3lem=\"canary\"@host");
+        let emit = || {
+            tracing::warn!(error = %"Invalid URL: 'amqp:guest:T3lem=\"canary\"@host:1/%2f'", "cannot connect");
+            tracing::warn!(uri = ?("guest", "T3lem=\"canary\""), "Connecting.");
+            tracing::warn!("unknown password of amqps://u:Unremembered-pw@h/%2f");
+        };
+        for out in [log_text(emit), log_json(emit)] {
+            assert_eq!(out.lines().count(), 3, "{out}");
+            for leak in ["T3lem", "canary", "Unremembered"] {
+                assert!(!out.contains(leak), "{leak} in {out}");
+            }
+            assert!(out.contains("amqps://u:***@h/%2f"), "{out}");
+        }
     }
 
     #[test]

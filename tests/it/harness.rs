@@ -470,7 +470,16 @@ impl TestAppBuilder {
         self
     }
 
+    /// Starts the bridge and waits until it is ready.
     pub async fn start(self) -> TestApp {
+        let app = self.start_without_waiting().await;
+        app.wait_ready(200).await;
+        app
+    }
+
+    /// Starts the bridge without waiting for it to be ready (its topology may not exist
+    /// yet).
+    pub async fn start_without_waiting(self) -> TestApp {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -497,16 +506,14 @@ impl TestAppBuilder {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
         let broker = BrokerClient::connect().await;
-        let app = TestApp {
+        TestApp {
             names,
             sandbox,
             admin,
             broker,
             shutdown,
             task: Some(task),
-        };
-        app.wait_ready(200).await;
-        app
+        }
     }
 }
 

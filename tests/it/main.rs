@@ -3,12 +3,15 @@
 //! The TLS tests (tls.rs) need the AMQPS nodes of scripts/ensure-rabbitmq-tls.sh.
 
 mod answers;
+mod consumer_timeout;
 mod contracts;
 mod delivery;
 mod dying_connection;
 mod failures;
 mod harness;
+mod holds;
 mod hostile;
+mod pipes;
 mod process;
 mod proxy;
 mod replay;

@@ -1,7 +1,10 @@
 //! The real binary as a child process: environment overrides, signals, crashes,
 //! metrics after a run, and logs that never hold secrets.
 
-use crate::harness::{amqp_url, config_toml, eventually, metric, BrokerClient, Names, RULES};
+use crate::harness::{
+    amqp_url, amqp_url_via, broker_addr, config_toml, eventually, metric, BrokerClient, ChaosProxy,
+    Names, RULES,
+};
 use crisp_bridge::sandbox::{Fault, Sandbox, SandboxOptions};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -54,6 +57,23 @@ impl Setup {
             broker,
             config,
         }
+    }
+
+    /// Points the config at `url_file` (read before each connection) instead of `url`.
+    fn use_url_file(&self, url_file: &std::path::Path) {
+        let toml = std::fs::read_to_string(&self.config).expect("read config");
+        let toml = toml
+            .lines()
+            .map(|line| {
+                if line.starts_with("url = ") {
+                    format!("url_file = \"{}\"", url_file.display())
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&self.config, toml).expect("write config");
     }
 
     async fn spawn(&self, envs: &[(&str, &str)]) -> Bridge {
@@ -443,4 +463,89 @@ async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_message() {
     })
     .await;
     assert!(setup.sandbox.state.events().is_empty());
+}
+
+/// Replaces a file as a Kubernetes Secret volume does: never half written.
+fn write_atomically(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_url_file_that_does_not_parse_never_shows_its_password() {
+    let setup = Setup::new("url-file", KEY).await;
+    let proxy = ChaosProxy::start(broker_addr().await).await;
+    let good = amqp_url_via(proxy.addr).await;
+    let url_file = setup.config.with_extension("url");
+    write_atomically(&url_file, &good);
+    setup.use_url_file(&url_file);
+    let mut bridge = setup.spawn(&[]).await;
+    setup.publish_trials(1).await;
+    setup.all_delivered(1).await;
+
+    // The rotation goes wrong: no `//` after the scheme (lapin's parser then quotes the
+    // URL whole), and a password with the `=` and `/` that cut an email-like word short.
+    const PASSWORD: &str = "Kq42-canary=Zzbf/7x";
+    const PIECES: [&str; 3] = ["Kq42", "canary", "Zzbf"];
+    write_atomically(
+        &url_file,
+        &format!("amqp:guest:{PASSWORD}@{}/%2f", proxy.addr),
+    );
+    assert!(
+        proxy.cut() > 0,
+        "the bridge was connected through the proxy"
+    );
+    eventually("a failed reconnect in the log", || {
+        let logs = bridge.output();
+        async move {
+            logs.contains("cannot connect to RabbitMQ; retrying")
+                .then_some(())
+        }
+    })
+    .await;
+    setup
+        .publish(
+            "trial.started",
+            json!({"email": "person1@example.com", "phase": "started"}),
+        )
+        .await;
+    let logs = bridge.output();
+    for piece in PIECES {
+        assert!(
+            !logs.contains(piece),
+            "`{piece}` of the password in the log:\n{logs}"
+        );
+    }
+    let line = logs
+        .lines()
+        .find(|l| l.contains("cannot connect to RabbitMQ; retrying"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("amqp.url_file ({})", url_file.display()))
+            && line.contains("does not parse")
+            && line.contains("@host:5672/vhost"),
+        "the line says what failed, where, and what to do: {line}"
+    );
+
+    // Fixed again: the bridge reconnects and delivers what waited, nothing lost (the
+    // first message may come twice: its ack may have died with the connection).
+    write_atomically(&url_file, &good);
+    setup.all_delivered(2).await;
+    bridge.wait_ready().await;
+    eventually("the queue drained", || async {
+        (setup.broker.ready(&setup.names.queue).await == 0).then_some(())
+    })
+    .await;
+    bridge.signal("TERM");
+    assert!(bridge.wait_exit().await.success());
+    assert_eq!(setup.broker.ready(&setup.names.dlq).await, 0);
+    let logs = bridge.output();
+    for piece in PIECES {
+        assert!(
+            !logs.contains(piece),
+            "`{piece}` of the password in the log:\n{logs}"
+        );
+    }
+    let _ = std::fs::remove_file(&url_file);
 }

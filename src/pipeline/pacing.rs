@@ -1,0 +1,205 @@
+//! Pacing: when the next request to Crisp may start. The request rate learned from
+//! Crisp's 429/420 answers (cut multiplicatively, grown back quickly far below the last
+//! limit and slowly near it), under `max_requests_per_second`, and the pod-wide pause
+//! Crisp asks for with `Retry-After`. Owned by the flow.
+
+use crate::telemetry::metrics;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Fraction of the accepted rate kept after a 429/420: the accepted rate already is the
+/// share Crisp gives us, so a small cut suffices and keeps the average near the limit.
+const BETA: f64 = 0.95;
+/// Two cuts are at least this far apart.
+const CUT_SPACING: Duration = Duration::from_millis(1000);
+/// Growth near the last limit, as a fraction of it per second of saturated sending:
+/// slow, since with N pods each cut removes only its own share of the excess.
+const NEAR_GROWTH: f64 = 0.015;
+/// Far below the last limit the rate doubles per second of saturated sending, and
+/// beyond it triples, so a lifted limit is found again within seconds.
+const FAR_BELOW: f64 = 0.8;
+const FAR_ABOVE: f64 = 1.03;
+const BELOW_GROWTH: f64 = 2.0;
+const ABOVE_GROWTH: f64 = 3.0;
+/// Beyond this multiple of the last limit the learned rate is forgotten.
+const FORGET_ABOVE: f64 = 64.0;
+/// Never slower than this (a rate of zero would stop the pod for good).
+const MIN_RATE: f64 = 0.5;
+/// The longest stretch of time one claim counts as growth (after an idle spell the
+/// first request must not jump the rate).
+const MAX_GROWTH_STEP: Duration = Duration::from_millis(250);
+/// The window the sent and accepted rates are measured over.
+pub(super) const WINDOW: Duration = Duration::from_secs(1);
+
+/// Events of the last [`WINDOW`], to measure a rate.
+#[derive(Debug, Default)]
+pub(super) struct Window(VecDeque<Instant>);
+
+impl Window {
+    pub(super) fn push(&mut self, now: Instant) {
+        self.trim(now);
+        self.0.push_back(now);
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    fn per_second(&mut self, now: Instant) -> f64 {
+        self.trim(now);
+        self.0.len() as f64 / WINDOW.as_secs_f64()
+    }
+}
+
+/// The pacing state: when the next request may start.
+#[derive(Debug)]
+pub(super) struct Pacing {
+    /// `max_requests_per_second`: a hard ceiling.
+    ceiling: Option<f64>,
+    /// The rate learned from 429/420; `None` until Crisp first limits us.
+    pub(super) learned: Option<f64>,
+    /// The accepted rate when Crisp last limited us: the limit's estimate.
+    last_limit: f64,
+    last_cut: Option<Instant>,
+    last_claim: Instant,
+    next_slot: Instant,
+    /// Crisp's `Retry-After`, for every request of the pod.
+    pub(super) paused_until: Instant,
+    sent: Window,
+    pub(super) accepted: Window,
+}
+
+impl Pacing {
+    pub(super) fn new(max_requests_per_second: f64) -> Self {
+        let now = Instant::now();
+        Self {
+            ceiling: (max_requests_per_second > 0.0).then_some(max_requests_per_second),
+            learned: None,
+            last_limit: 0.0,
+            last_cut: None,
+            last_claim: now,
+            next_slot: now,
+            paused_until: now,
+            sent: Window::default(),
+            accepted: Window::default(),
+        }
+    }
+
+    pub(super) fn rate(&self) -> Option<f64> {
+        match (self.ceiling, self.learned) {
+            (Some(c), Some(l)) => Some(c.min(l)),
+            (c, l) => c.or(l),
+        }
+    }
+
+    /// Takes the turn if it has come; else says when to look again.
+    pub(super) fn claim(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
+        let learned = self.learned.is_some();
+        let claimed = self.claim_turn(now, waited);
+        if learned && self.learned.is_none() {
+            metrics::request_rate_limit(0.0);
+        }
+        claimed
+    }
+
+    fn claim_turn(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
+        let turn = self.next_slot.max(self.paused_until);
+        if turn > now {
+            return Err(turn);
+        }
+        if waited {
+            // Only time spent sending as fast as allowed says the rate could be higher.
+            // At a low rate one claim stands for a long stretch of saturated sending.
+            let longest = self.rate().map_or(MAX_GROWTH_STEP, |r| {
+                MAX_GROWTH_STEP.max(Duration::from_secs_f64(2.0 / r))
+            });
+            let step = now.duration_since(self.last_claim).min(longest);
+            self.grow(step.as_secs_f64());
+        }
+        self.last_claim = now;
+        self.next_slot = match self.rate() {
+            Some(rate) => {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                // Spaced from the turn, not from the (late) wake-up, so timer slack does
+                // not eat the rate; after an idle spell no credit is banked.
+                let from = if now.duration_since(turn) < interval {
+                    turn
+                } else {
+                    now
+                };
+                from + interval
+            }
+            None => now,
+        };
+        self.sent.push(now);
+        Ok(now)
+    }
+
+    fn grow(&mut self, secs: f64) {
+        let Some(rate) = self.learned else { return };
+        let limit = self.last_limit;
+        let grown = if rate < FAR_BELOW * limit {
+            rate * BELOW_GROWTH.powf(secs)
+        } else if rate > FAR_ABOVE * limit {
+            rate * ABOVE_GROWTH.powf(secs)
+        } else {
+            rate + NEAR_GROWTH * limit * secs
+        };
+        self.learned = if grown > FORGET_ABOVE * limit {
+            None
+        } else {
+            // Above the ceiling growth means nothing: stay at it, ready to be cut from it.
+            Some(self.ceiling.map_or(grown, |c| grown.min(c)))
+        };
+    }
+
+    /// Crisp said "too many" to a request sent at `sent_at`; true when the rate changed.
+    pub(super) fn cut(&mut self, sent_at: Instant, now: Instant) -> bool {
+        if self
+            .last_cut
+            .is_some_and(|cut| sent_at < cut || now.duration_since(cut) < CUT_SPACING)
+        {
+            // Sent before the last cut, or too soon after it: a limiter counting the
+            // last second still remembers the excess that cut answered.
+            return false;
+        }
+        let accepted = self.accepted.per_second(now);
+        if accepted == 0.0 && self.learned.is_some() {
+            // Nothing gets through at any rate (a spent quota): slowing down further
+            // finds no share; each message's backoff and the hold deal with it.
+            return false;
+        }
+        let sending = self.sent.per_second(now).max(MIN_RATE);
+        let current = self.rate().map_or(sending, |r| r.min(sending));
+        // What Crisp let through is the share it gives us. Near the last limit a stall
+        // (a slow second on our side) must not pass for a smaller share: cut at most
+        // by a tenth there; far above it, at most by half.
+        let floor = if current <= FAR_ABOVE * self.last_limit {
+            current * 0.9
+        } else {
+            current / 2.0
+        };
+        let base = accepted.max(floor).min(current);
+        // With nothing accepted the answer says nothing about the limit (everything is
+        // refused): keep the old estimate, so recovery ramps fast up to it.
+        if accepted > 0.0 || self.last_limit < MIN_RATE {
+            self.last_limit = base.max(MIN_RATE);
+        }
+        self.learned = Some((base * BETA).max(MIN_RATE));
+        self.last_cut = Some(now);
+        // The lower rate applies to the very next request.
+        if let Some(rate) = self.rate() {
+            self.next_slot = self
+                .next_slot
+                .max(now + Duration::from_secs_f64(1.0 / rate));
+        }
+        true
+    }
+}
