@@ -58,19 +58,6 @@ impl std::fmt::Debug for BrokerError {
 
 impl std::error::Error for BrokerError {}
 
-trait Context<T> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError>;
-}
-
-impl<T> Context<T> for Result<T, lapin::Error> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError> {
-        self.map_err(|source| BrokerError {
-            what: what(),
-            source,
-        })
-    }
-}
-
 /// Why no connection was made: the URL itself (nothing was sent), the broker, or TLS
 /// (its files, or the handshake).
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +75,19 @@ pub enum ConnectError {
         port: u16,
         reason: String,
     },
+}
+
+trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError>;
+}
+
+impl<T> Context<T> for Result<T, lapin::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, BrokerError> {
+        self.map_err(|source| BrokerError {
+            what: what(),
+            source,
+        })
+    }
 }
 
 pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
