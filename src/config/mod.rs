@@ -26,7 +26,7 @@ pub const ENV_PREFIX: &str = "CRISP_BRIDGE_";
 pub enum LoadError {
     #[error("config file {0} does not exist; pass --config with an existing file or unset CRISP_BRIDGE_CONFIG")]
     Missing(PathBuf),
-    #[error("config is invalid: {0}")]
+    #[error("config is invalid:\n  - {0}")]
     Invalid(String),
 }
 
@@ -60,9 +60,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
         })
         .and_then(Path::parent)
         .map(Path::to_path_buf);
-    let mut config = figment
-        .extract::<Config>()
-        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))?;
+    let mut config = extract(&figment)?;
     if let Some(base) = &base {
         config.resolve_relative_paths(base);
     }
@@ -148,33 +146,107 @@ pub fn from_toml_str(toml: &str) -> Result<Config, LoadError> {
 /// Loads from TOML layers, later ones overriding earlier ones key by key, then the
 /// environment.
 pub fn from_toml_layers(layers: &[&str]) -> Result<Config, LoadError> {
-    layers
+    let figment = layers
         .iter()
         .fold(Figment::new(), |f, layer| f.merge(Toml::string(layer)))
-        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
-        .extract::<Config>()
-        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
+        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+    extract(&figment)
 }
 
-fn describe_figment_error(error: figment::Error) -> String {
+/// The config, or every type error in it: serde stops at the first error of a struct,
+/// so after a failure each section, and each rule, is read on its own (a bad `prefetch`
+/// must not hide a bad `color`), and rules are named by their `name`.
+fn extract(figment: &Figment) -> Result<Config, LoadError> {
+    let whole = match figment.extract::<Config>() {
+        Ok(config) => return Ok(config),
+        Err(e) => e,
+    };
+    let mut problems = Vec::new();
+    const SECTIONS: [&str; 6] = ["amqp", "crisp", "delivery", "server", "log", "rules"];
+    if let Ok(top) = figment.extract::<std::collections::BTreeMap<String, figment::value::Value>>()
+    {
+        for key in top.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+            problems.push(format!(
+                "key `{key}`: unknown section; expected one of {}",
+                SECTIONS.join(", ")
+            ));
+        }
+    }
+    let mut section = |name: &str, result: Result<(), figment::Error>| match result {
+        // An absent section takes its defaults.
+        Err(e) if !e.missing() => problems.extend(describe_figment_error(e, name)),
+        _ => {}
+    };
+    section(
+        "amqp",
+        figment.extract_inner::<AmqpConfig>("amqp").map(drop),
+    );
+    section(
+        "crisp",
+        figment.extract_inner::<CrispConfig>("crisp").map(drop),
+    );
+    section(
+        "delivery",
+        figment
+            .extract_inner::<DeliveryConfig>("delivery")
+            .map(drop),
+    );
+    section(
+        "server",
+        figment.extract_inner::<ServerConfig>("server").map(drop),
+    );
+    section("log", figment.extract_inner::<LogConfig>("log").map(drop));
+    match figment.extract_inner::<Vec<figment::value::Value>>("rules") {
+        Ok(rules) => {
+            for (index, rule) in rules.iter().enumerate() {
+                if let Err(e) = rule.deserialize::<RuleConfig>() {
+                    let name = rule
+                        .find_ref("name")
+                        .and_then(|n| n.as_str())
+                        .filter(|n| !n.trim().is_empty())
+                        .map_or_else(
+                            || format!("rule #{} (unnamed)", index + 1),
+                            |n| format!("rule `{n}`"),
+                        );
+                    problems.extend(describe_figment_error(e, &name));
+                }
+            }
+        }
+        Err(e) if !e.missing() => problems.extend(describe_figment_error(e, "rules")),
+        Err(_) => {}
+    }
+    if problems.is_empty() {
+        // Not within a section (an unknown top-level key, say): what the whole said.
+        problems = describe_figment_error(whole, "");
+    }
+    Err(LoadError::Invalid(problems.join("\n  - ")))
+}
+
+/// One line per error, each naming its key under `within` (a section, or a rule).
+fn describe_figment_error(error: figment::Error, within: &str) -> Vec<String> {
     error
         .into_iter()
         .map(|e| {
-            let key = e.path.join(".");
+            let mut path = e.path.clone();
+            // A section read alone names itself somewhere in the path.
+            path.retain(|p| p != within);
+            let key = path.join(".");
             let source = e
                 .metadata
                 .as_ref()
                 .and_then(|m| m.source.as_ref())
                 .map(|s| format!(" (from {s})"))
                 .unwrap_or_default();
-            if key.is_empty() {
-                format!("{}{source}", e.kind)
-            } else {
-                format!("key `{key}`: {}{source}", e.kind)
-            }
+            let at = match (within.is_empty(), key.is_empty()) {
+                (true, true) => String::new(),
+                (true, false) => format!("key `{key}`: "),
+                (false, true) => format!("{within}: "),
+                (false, false) if within.starts_with("rule") => format!("{within} key `{key}`: "),
+                (false, false) => format!("key `{within}.{key}`: "),
+            };
+            format!("{at}{}{source}", e.kind)
         })
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect()
 }
 
 /// The whole configuration file.
@@ -516,6 +588,42 @@ pub struct RuleConfig {
 /// descriptions). `schemas/config.schema.json` is this, kept current by a test.
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn every_type_error_is_listed_and_rules_are_named() {
+        let err = from_toml_str(
+            r#"
+            [amqp]
+            prefetch = -1
+            [delivery]
+            concurrency = "many"
+            [surprise]
+            x = 1
+            [[rules]]
+            name = "order-created"
+            routing_key = "order.created"
+            people_id = "/email"
+            text = "order:created"
+            color = 7
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        for wanted in [
+            "key `amqp.prefetch`",
+            "key `delivery.concurrency`",
+            "key `surprise`: unknown section",
+            "rule `order-created` key `color`",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted} in\n{err}");
+        }
+        assert!(!err.contains("rules[0]"), "{err}");
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 /// One configuration problem: where it is and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `rules[2] `order-created`` for a rule, empty otherwise.
+    /// ``rule `order-created` `` for a rule (``rule #3 (unnamed)`` without a name, counting
+    /// from 1), empty otherwise.
     pub rule: String,
     /// The key, like `color` or `crisp.website_id`.
     pub key: String,
@@ -26,7 +27,11 @@ impl Problem {
 
     pub fn rule(index: usize, name: &str, key: &str, message: impl Into<String>) -> Self {
         Self {
-            rule: format!("rules[{index}] `{name}`"),
+            rule: if name.trim().is_empty() {
+                format!("rule #{} (unnamed)", index + 1)
+            } else {
+                format!("rule `{name}`")
+            },
             key: key.into(),
             message: message.into(),
         }

@@ -9,9 +9,10 @@ pub mod test_file;
 
 use crate::config::{Config, Problem, Unmatched};
 use crate::crisp::encode_segment;
-use crate::decode::{decode, Incoming};
-use crate::outcome::{DeadLetter, Reason};
-use crate::route::{Mapped, Routed, Router};
+use crate::decode::Incoming;
+use crate::outcome::{DeadLetter, Disposition};
+use crate::pipeline::{fate, triage, unmatched_detail, FateSettings, Happened, Triaged};
+use crate::route::{Mapped, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -81,19 +82,9 @@ impl Offline {
         })
     }
 
-    /// decode → route → map, as `run` does before delivering.
+    /// decode → route → map, and the fate of what does not reach Crisp: the very path
+    /// `run` takes before delivering.
     pub fn evaluate(&self, message: &Message) -> Outcome {
-        let max = self.max_message_bytes;
-        if message.body.len() > max {
-            return Outcome::DeadLetter(DeadLetter::new(
-                Reason::TooLarge,
-                format!(
-                    "body is {} bytes, over amqp.max_message_bytes ({max}); not parsed",
-                    message.body.len()
-                ),
-                None,
-            ));
-        }
         let p = &message.properties;
         let mut incoming = Incoming::new(&message.body);
         incoming.content_type = p.content_type.as_deref();
@@ -102,35 +93,32 @@ impl Offline {
         for (name, value) in &p.headers {
             incoming.add_header(name, value.clone());
         }
-        let mut event_type = None;
-        let routed = match decode(&incoming) {
-            Ok(decoded) => {
-                let routed = self.router.route_decoded(&message.routing_key, &decoded);
-                event_type = decoded.event_type;
-                routed
-            }
-            Err(dl) => Routed::Invalid(dl),
+        let happened = match triage(
+            &self.router,
+            self.max_message_bytes,
+            &message.routing_key,
+            &incoming,
+        ) {
+            Triaged::Event { mapped, .. } => return Outcome::Deliver(mapped),
+            Triaged::Done(happened) => happened,
         };
-        match routed {
-            Routed::Event(m) => Outcome::Deliver(m),
-            Routed::Invalid(dl) => Outcome::DeadLetter(dl),
-            Routed::Unmatched => {
-                let what = format!(
-                    "no rule matches routing key `{}`{}",
-                    message.routing_key,
-                    event_type
-                        .map(|t| format!(" and type `{}`", t.chars().take(100).collect::<String>()))
-                        .unwrap_or_default()
-                );
-                match self.unmatched {
-                    Unmatched::Ack => {
-                        Outcome::Skip(format!("{what} (delivery.unmatched = \"ack\")"))
-                    }
-                    Unmatched::DeadLetter => {
-                        Outcome::DeadLetter(DeadLetter::new(Reason::Unmatched, what, None))
-                    }
-                }
+        let why = match &happened {
+            Happened::Unmatched {
+                routing_key,
+                event_type,
+            } => unmatched_detail(routing_key, event_type.as_deref()),
+            _ => String::new(),
+        };
+        let settings = FateSettings {
+            unmatched: self.unmatched,
+        };
+        match fate(happened, settings) {
+            Disposition::DeadLetter(dl) => Outcome::DeadLetter(dl),
+            Disposition::Ack { .. } => {
+                Outcome::Skip(format!("{why} (delivery.unmatched = \"ack\")"))
             }
+            // Nothing before a Crisp call is requeued.
+            Disposition::Requeue(_) => Outcome::Skip(format!("{why} (requeued)")),
         }
     }
 
