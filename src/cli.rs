@@ -159,6 +159,12 @@ enum Command {
         /// default answers 404 people_not_found)
         #[arg(long)]
         auto_create_profiles: bool,
+        /// Serve HTTPS with this PEM certificate chain (needs --tls-key)
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -211,6 +217,8 @@ pub fn main() -> ExitCode {
             website_ids,
             tier,
             auto_create_profiles,
+            tls_cert,
+            tls_key,
         } => {
             let options = SandboxOptions {
                 identifier,
@@ -218,6 +226,12 @@ pub fn main() -> ExitCode {
                 tier,
                 website_ids,
                 auto_create_profiles,
+                tls: tls_cert.zip(tls_key).map(|(cert_file, key_file)| {
+                    crate::sandbox::SandboxTls {
+                        cert_file,
+                        key_file,
+                    }
+                }),
             };
             runtime.block_on(sandbox(listen, options))
         }
@@ -291,7 +305,13 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // The TLS files as the first connection would read them (run retries instead).
+    let tls_problems = config::tls_file_problems(&loaded);
     match config::validate(loaded) {
+        Ok(_) if !tls_problems.is_empty() => {
+            print_problems(&tls_problems);
+            ExitCode::FAILURE
+        }
         Ok(v) => {
             let names: Vec<&str> = v.router.rule_names().collect();
             let printed = print_line(&format!(
@@ -304,7 +324,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             ));
             printed.err().unwrap_or(ExitCode::SUCCESS)
         }
-        Err(problems) => {
+        Err(mut problems) => {
+            problems.extend(tls_problems);
             print_problems(&problems);
             ExitCode::FAILURE
         }
@@ -535,11 +556,11 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
     let sandbox = match Sandbox::start(listen, options).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot listen on {listen}: {e}");
+            eprintln!("error: cannot start the sandbox on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(api_url = %sandbox.api_url(), events = %format!("http://{}/_sandbox/events", sandbox.addr), "Crisp sandbox listening");
+    tracing::info!(api_url = %sandbox.api_url(), events = %format!("{}/_sandbox/events", sandbox.api_url().trim_end_matches("/v1")), "Crisp sandbox listening");
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(stop.clone()));
     stop.cancelled().await;

@@ -8,7 +8,7 @@ mod validate;
 
 pub use redact::redact_url;
 pub use secret::{read_secret_file, Secret};
-pub use validate::{validate, Problem, Validated};
+pub use validate::{tls_file_problems, validate, Problem, Validated};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -76,11 +76,18 @@ impl Config {
             &mut self.amqp.url_file,
             &mut self.crisp.identifier_file,
             &mut self.crisp.key_file,
+            &mut self.crisp.ca_file,
         ]
         .into_iter()
+        .chain(
+            self.amqp
+                .tls
+                .iter_mut()
+                .flat_map(|t| [&mut t.ca_file, &mut t.cert_file, &mut t.key_file]),
+        )
         .flatten()
         {
-            if path.is_relative() {
+            if path.is_relative() && !path.as_os_str().is_empty() {
                 *path = base.join(&*path);
             }
         }
@@ -300,6 +307,37 @@ pub struct AmqpConfig {
     /// Largest message body handled; a larger one is dead-lettered `too_large` without
     /// being parsed (memory stays bounded whatever publishers send).
     pub max_message_bytes: usize,
+    /// TLS files for `amqps://` URLs (a private CA, mutual TLS); read again before each
+    /// connection. Without this table, `amqps://` trusts the system's CA certificates.
+    pub tls: Option<AmqpTlsConfig>,
+}
+
+/// `[amqp.tls]`: PEM files, relative to the config file. An empty path counts as unset.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpTlsConfig {
+    /// CA certificates (PEM bundle) trusted for the broker, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), for brokers that require one; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM, unencrypted); needs `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl AmqpTlsConfig {
+    pub fn ca(&self) -> Option<&Path> {
+        given(&self.ca_file)
+    }
+    pub fn cert(&self) -> Option<&Path> {
+        given(&self.cert_file)
+    }
+    pub fn key(&self) -> Option<&Path> {
+        given(&self.key_file)
+    }
+}
+
+fn given(path: &Option<PathBuf>) -> Option<&Path> {
+    path.as_deref().filter(|p| !p.as_os_str().is_empty())
 }
 
 impl Default for AmqpConfig {
@@ -317,6 +355,7 @@ impl Default for AmqpConfig {
             delivery_limit: 20,
             consumer_timeout: Duration::from_secs(30 * 60),
             max_message_bytes: 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -357,6 +396,12 @@ pub struct CrispConfig {
     pub key_file: Option<PathBuf>,
     /// Base URL of the REST API, up to and including `/v1`.
     pub api_url: String,
+    /// PEM bundle of CA certificates trusted for `api_url` besides the system's (a
+    /// TLS-inspecting egress proxy). Relative to the config file; read at start.
+    pub ca_file: Option<PathBuf>,
+    /// Proxy for Crisp requests, like `http://proxy:3128` (HTTPS goes through CONNECT).
+    /// Empty: `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` and `NO_PROXY` from the environment.
+    pub proxy: Secret,
     /// Token tier sent as `X-Crisp-Tier`.
     pub tier: Tier,
     /// Timeout of one Crisp request.
@@ -376,6 +421,8 @@ impl Default for CrispConfig {
             identifier_file: None,
             key_file: None,
             api_url: "https://api.crisp.chat/v1".into(),
+            ca_file: None,
+            proxy: Secret::new(""),
             tier: Tier::Plugin,
             timeout: Duration::from_secs(10),
             create_missing_profiles: false,

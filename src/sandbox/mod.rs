@@ -7,6 +7,9 @@
 mod control;
 mod crisp_routes;
 mod raw;
+mod tls;
+
+pub use tls::SandboxTls;
 
 use axum::Router;
 use serde::{Deserialize, Serialize};
@@ -31,6 +34,8 @@ pub struct SandboxOptions {
     /// Accept events for emails without a profile (creating it), instead of Crisp's
     /// conservative 404 `people_not_found`.
     pub auto_create_profiles: bool,
+    /// Serve HTTPS with this certificate and key instead of HTTP.
+    pub tls: Option<SandboxTls>,
 }
 
 impl Default for SandboxOptions {
@@ -41,6 +46,7 @@ impl Default for SandboxOptions {
             tier: "plugin".into(),
             website_ids: vec![DEFAULT_WEBSITE_ID.into()],
             auto_create_profiles: false,
+            tls: None,
         }
     }
 }
@@ -328,31 +334,54 @@ pub struct Sandbox {
     pub addr: SocketAddr,
     pub state: SandboxState,
     stop: CancellationToken,
+    https: bool,
 }
 
 impl Sandbox {
     /// Binds `listen` (port 0 picks a free port) and serves in the background.
     pub async fn start(listen: SocketAddr, options: SandboxOptions) -> std::io::Result<Self> {
+        let acceptor = options.tls.as_ref().map(SandboxTls::acceptor).transpose()?;
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let state = SandboxState::new(options);
         let stop = CancellationToken::new();
         let app = router(state.clone());
         let stopped = stop.clone();
+        let https = acceptor.is_some();
         tokio::spawn(async move {
-            let served = axum::serve(raw::RawHeadListener(listener), app)
-                .with_graceful_shutdown(async move { stopped.cancelled().await })
-                .await;
+            let stopping = async move { stopped.cancelled().await };
+            let served = match acceptor {
+                None => {
+                    axum::serve(raw::RawHeadListener(listener), app)
+                        .with_graceful_shutdown(stopping)
+                        .await
+                }
+                Some(acceptor) => {
+                    let listener = tls::TlsRawHeadListener {
+                        tcp: listener,
+                        acceptor,
+                    };
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopping)
+                        .await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "sandbox server stopped");
             }
         });
-        Ok(Self { addr, state, stop })
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            https,
+        })
     }
 
     /// The `crisp.api_url` that points at this sandbox.
     pub fn api_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/v1", self.addr)
     }
 
     pub fn stop(&self) {

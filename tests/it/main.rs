@@ -1,5 +1,6 @@
 //! One integration-test binary: the bridge against a real RabbitMQ and the Crisp sandbox.
 //! The broker comes from `AMQP_URL` (else testcontainers' RabbitMQ module).
+//! The TLS tests (tls.rs) need the AMQPS nodes of scripts/ensure-rabbitmq-tls.sh.
 
 mod answers;
 mod consumer_timeout;
@@ -12,5 +13,7 @@ mod holds;
 mod hostile;
 mod pipes;
 mod process;
+mod proxy;
 mod replay;
+mod tls;
 mod wire;
