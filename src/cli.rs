@@ -159,6 +159,18 @@ enum Command {
         /// default answers 404 people_not_found)
         #[arg(long)]
         auto_create_profiles: bool,
+        /// Enforce the limits Crisp published for chatbox events (text 80 characters, 10
+        /// data keys, keys of 1-50 characters [A-Za-z0-9_-], values up to 120 characters):
+        /// 400 invalid_data beyond them
+        #[arg(long)]
+        event_limits: bool,
+        /// Limit event POSTs to this many a second, shared by every client (429 beyond)
+        #[arg(long, value_name = "N")]
+        rate_limit: Option<u32>,
+        /// How --rate-limit counts: sliding_window, token_bucket, fixed_window,
+        /// fixed_window_minute
+        #[arg(long, value_name = "SHAPE", default_value = "sliding_window", value_parser = parse_shape)]
+        rate_limit_shape: crate::sandbox::LimiterShape,
         /// Serve HTTPS with this PEM certificate chain (needs --tls-key)
         #[arg(long, value_name = "FILE", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -217,6 +229,9 @@ pub fn main() -> ExitCode {
             website_ids,
             tier,
             auto_create_profiles,
+            event_limits,
+            rate_limit,
+            rate_limit_shape,
             tls_cert,
             tls_key,
         } => {
@@ -226,6 +241,7 @@ pub fn main() -> ExitCode {
                 tier,
                 website_ids,
                 auto_create_profiles,
+                event_limits,
                 tls: tls_cert.zip(tls_key).map(|(cert_file, key_file)| {
                     crate::sandbox::SandboxTls {
                         cert_file,
@@ -233,7 +249,7 @@ pub fn main() -> ExitCode {
                     }
                 }),
             };
-            runtime.block_on(sandbox(listen, options))
+            runtime.block_on(sandbox(listen, options, rate_limit, rate_limit_shape))
         }
     }
 }
@@ -313,6 +329,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(v) => {
+            for w in v.router.warnings() {
+                eprintln!("warning: {w}");
+            }
             let names: Vec<&str> = v.router.rule_names().collect();
             let printed = print_line(&format!(
                 "config OK: {} rule(s) ({}); queue `{}` bound to `{}` with {}",
@@ -529,6 +548,9 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    for w in validated.router.warnings() {
+        tracing::warn!(warning = %w, "a rule may exceed Crisp's chatbox event limits");
+    }
     let app = match App::build(validated).await {
         Ok(app) => app,
         Err(e) => {
@@ -548,7 +570,12 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
+async fn sandbox(
+    listen: SocketAddr,
+    options: SandboxOptions,
+    rate_limit: Option<u32>,
+    shape: crate::sandbox::LimiterShape,
+) -> ExitCode {
     telemetry::init_logging(&config::LogConfig {
         level: "info".into(),
         format: config::LogFormat::Text,
@@ -560,12 +587,24 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    sandbox.state.set_rate_limiter(rate_limit, false, shape);
     tracing::info!(api_url = %sandbox.api_url(), events = %format!("{}/_sandbox/events", sandbox.api_url().trim_end_matches("/v1")), "Crisp sandbox listening");
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(stop.clone()));
     stop.cancelled().await;
     sandbox.stop();
     ExitCode::SUCCESS
+}
+
+fn parse_shape(name: &str) -> Result<crate::sandbox::LimiterShape, String> {
+    crate::sandbox::LimiterShape::parse(name).ok_or_else(|| {
+        format!(
+            "`{name}` is not a limiter shape; use one of {}",
+            crate::sandbox::LimiterShape::ALL
+                .map(|s| s.name())
+                .join(", ")
+        )
+    })
 }
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.

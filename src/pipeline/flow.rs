@@ -1170,4 +1170,23 @@ mod tests {
         flow.succeeded(t.for_route(CrispRoute::Profiles));
         assert!(flow.state().is_sending());
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cold_start_ramps_up_instead_of_bursting() {
+        let flow = Flow::new(&config(0.0));
+        // Against a limit of 50 in any second, from the very first request: the slow
+        // start finds it with a handful of refusals, not a burst of them.
+        let (ok, refused) = run(&flow, Some(50), 10).await;
+        assert!(
+            refused <= 8,
+            "{refused} refused of {} in the first 10 s",
+            ok + refused
+        );
+        assert!(ok >= 430, "{ok} accepted in 10 s");
+        eprintln!("cold start against 50/s: {ok} accepted, {refused} refused in 10 s");
+        // Without a limit the ramp to this loop's 1,000/s takes under a second.
+        let flow = Flow::new(&config(0.0));
+        let (ok, _) = run(&flow, None, 2).await;
+        assert!(ok > 1400, "{ok} of at most 2,000");
+    }
 }

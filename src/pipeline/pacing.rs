@@ -65,6 +65,17 @@ impl Window {
         self.trim(now);
         self.0.len() as f64 / WINDOW.as_secs_f64()
     }
+
+    /// When one more event keeps the last [`WINDOW`] at `most` events: now, or when
+    /// enough of them have aged out.
+    fn room_at(&mut self, now: Instant, most: usize) -> Instant {
+        self.trim(now);
+        let most = most.max(1);
+        match self.0.len().checked_sub(most) {
+            Some(over) => self.0[over] + WINDOW,
+            None => now,
+        }
+    }
 }
 
 /// The pacing state: when the next request may start.
@@ -104,6 +115,13 @@ impl Pacing {
         }
     }
 
+    /// Crisp cut the rate within the last second (so the last second's sends may be
+    /// over the new rate).
+    fn cut_lately(&self) -> bool {
+        self.last_cut
+            .is_some_and(|cut| cut.elapsed() < WINDOW + WINDOW)
+    }
+
     /// Paced by what Crisp taught us (not by the slow start, nor by nothing).
     pub(super) fn throttled(&self) -> bool {
         self.learned.is_some() && !self.slow_start
@@ -127,7 +145,13 @@ impl Pacing {
     }
 
     fn claim_turn(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
-        let turn = self.next_slot.max(self.paused_until);
+        let mut turn = self.next_slot.max(self.paused_until);
+        if let (Some(rate), true) = (self.rate(), self.cut_lately()) {
+            // Right after a cut the last second still holds what was sent at the old
+            // rate: a limiter counting that second refuses until it ages out, so new
+            // requests stop at once instead of meeting a second of refusals.
+            turn = turn.max(self.sent.room_at(now, rate.floor() as usize));
+        }
         if turn > now {
             return Err(turn);
         }

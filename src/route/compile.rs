@@ -39,11 +39,65 @@ impl Router {
             }
         }
         if problems.is_empty() {
-            Ok(index(compiled))
+            let mut router = index(compiled);
+            router.warnings = rules
+                .iter()
+                .enumerate()
+                .flat_map(|(index, rule)| chatbox_limit_warnings(index, rule))
+                .collect();
+            Ok(router)
         } else {
             Err(problems)
         }
     }
+}
+
+use super::chatbox::{
+    DATA_KEYS as CHATBOX_DATA_KEYS, KEY_CHARS as CHATBOX_KEY_CHARS,
+    TEXT_CHARS as CHATBOX_TEXT_CHARS,
+};
+
+/// What in a rule can exceed Crisp's chatbox event limits.
+fn chatbox_limit_warnings(index: usize, rule: &RuleConfig) -> Vec<Problem> {
+    let mut warnings = Vec::new();
+    let mut warn = |key: &str, message: String| {
+        warnings.push(Problem::rule(
+            index,
+            &rule.name,
+            key,
+            format!("{message} (a limit Crisp published for chatbox events; whether its REST API enforces it is unconfirmed)"),
+        ))
+    };
+    if let Ok(text) = Template::parse(&rule.text) {
+        let literal = text.literal_len();
+        if literal > CHATBOX_TEXT_CHARS {
+            warn(
+                "text",
+                format!(
+                    "is {literal} characters without its placeholders, over {CHATBOX_TEXT_CHARS}"
+                ),
+            );
+        }
+    }
+    if rule.data.len() > CHATBOX_DATA_KEYS {
+        warn(
+            "data",
+            format!(
+                "selects {} keys, over {CHATBOX_DATA_KEYS} (an object selected whole can add more)",
+                rule.data.len()
+            ),
+        );
+    }
+    for key in rule.data.keys() {
+        let chars = key.chars().count();
+        if chars > CHATBOX_KEY_CHARS {
+            warn(
+                &format!("data.{key}"),
+                format!("is {chars} characters, over {CHATBOX_KEY_CHARS}"),
+            );
+        }
+    }
+    warnings
 }
 
 /// Indexes the rules by their pattern's first literal word (see `Router`).
@@ -64,6 +118,7 @@ fn index(compiled: Vec<Rule>) -> Router {
         max_data_keys: DEFAULT_MAX_DATA_KEYS,
         by_first_word,
         wildcard_first,
+        warnings: Vec::new(),
     }
 }
 

@@ -4,6 +4,16 @@
 
 mod compile;
 pub mod map;
+
+/// Limits Crisp staff published for chatbox events; whether the REST route enforces
+/// them is unconfirmed (`docs/crisp-api.md`): `check` warns about a rule that can exceed
+/// one, and the sandbox enforces them with `--event-limits`.
+pub mod chatbox {
+    pub const TEXT_CHARS: usize = 80;
+    pub const DATA_KEYS: usize = 10;
+    pub const KEY_CHARS: usize = 50;
+    pub const VALUE_CHARS: usize = 120;
+}
 pub mod pattern;
 pub mod pointer;
 pub mod schema;
@@ -50,6 +60,8 @@ pub struct Router {
     /// match its first word, so 1,000 rules cost a hash lookup, not 1,000 matches.
     by_first_word: HashMap<String, Vec<usize>>,
     wildcard_first: Vec<usize>,
+    /// What may exceed Crisp's published chatbox event limits: said, not refused.
+    warnings: Vec<crate::config::Problem>,
 }
 
 /// A message that a rule turned into a Crisp event.
@@ -73,6 +85,11 @@ pub enum Routed {
 }
 
 impl Router {
+    /// What in the rules may exceed Crisp's published chatbox event limits.
+    pub fn warnings(&self) -> &[crate::config::Problem] {
+        &self.warnings
+    }
+
     /// Sets `delivery.max_data_keys`: most `data` keys one event carries.
     pub fn with_max_data_keys(mut self, max: usize) -> Self {
         self.max_data_keys = max;

@@ -460,6 +460,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Replaces the standard rules.
+    pub fn rules(mut self, rules: &str) -> Self {
+        self.rules = rules.into();
+        self
+    }
+
     pub fn sandbox(mut self, options: SandboxOptions) -> Self {
         self.sandbox = options;
         self
