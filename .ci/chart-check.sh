@@ -28,5 +28,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 "$venv/bin/python" -m pip install --quiet \
     helm-python-sdk kubernetes-validate jsonschema pyyaml </dev/null
 
+# chart_check.py makes a throwaway certificate for the rendered [amqp.tls] config.
+if ! command -v openssl >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl
+fi
+
 cd "$repo_root"
 exec "$venv/bin/python" .ci/chart_check.py </dev/null

@@ -65,6 +65,7 @@ CRD_KINDS = {
 CI_SECRETS = {"secret": {"amqpUrl": "amqp://ci:ci@127.0.0.1:5672/%2f", "crispIdentifier": "ci-identifier", "crispKey": "ci-key"}}
 SECRET_KEYS = {"amqp-url": ("amqp", "url"), "crisp-identifier": ("crisp", "identifier"), "crisp-key": ("crisp", "key")}
 MOUNT = "/var/run/secrets/crisp-bridge"
+TLS_MOUNT = "/etc/crisp-bridge-tls"
 METRICS_RS = ROOT / "src" / "telemetry" / "metrics.rs"
 
 passed = 0
@@ -275,9 +276,22 @@ def write_for_check(out_dir: Path, stem: str, toml_text: str) -> None:
     the pod's mounted Secret, absent here: point them at files with dummy secrets."""
     secrets = out_dir / "secrets"
     secrets.mkdir(parents=True, exist_ok=True)
+    tls = f'"{TLS_MOUNT}/' in toml_text
     for key in SECRET_KEYS:
-        (secrets / key).write_text(CI_SECRETS["secret"][{"amqp-url": "amqpUrl", "crisp-identifier": "crispIdentifier", "crisp-key": "crispKey"}[key]] + "\n")
-        toml_text = toml_text.replace(f'"{MOUNT}/{key}"', json.dumps(str(secrets / key)))
+        value = CI_SECRETS["secret"][{"amqp-url": "amqpUrl", "crisp-identifier": "crispIdentifier", "crisp-key": "crispKey"}[key]]
+        if key == "amqp-url" and tls:
+            value = value.replace("amqp://", "amqps://")  # check refuses [amqp.tls] with amqp://
+        (secrets / f"{stem}-{key}").write_text(value + "\n")
+        toml_text = toml_text.replace(f'"{MOUNT}/{key}"', json.dumps(str(secrets / f"{stem}-{key}")))
+    if tls:
+        # `check` parses the TLS files: a real CA, certificate and matching key.
+        tls_dir = out_dir / "tls"
+        tls_dir.mkdir(exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "2", "-subj", "/CN=chart-check", "-keyout", str(tls_dir / "tls.key"), "-out", str(tls_dir / "tls.crt")],
+                       check=True, capture_output=True)
+        (tls_dir / "ca.crt").write_bytes((tls_dir / "tls.crt").read_bytes())
+        toml_text = toml_text.replace(f'"{TLS_MOUNT}/', json.dumps(str(tls_dir))[:-1] + "/")
     (out_dir / f"{stem}.toml").write_text(toml_text)
 
 
@@ -444,6 +458,32 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
                 chart, {**CI_SECRETS, "secretsAs": "env", "config": {"crisp": {"key_file": "/vault/crisp-key"}}})))["env"]})
     attempt("a *_file key the user sets wins over the chart's path",
             lambda: config_toml(documents(render(chart, {**CI_SECRETS, "config": {"crisp": {"key_file": "/vault/crisp-key"}}})))["crisp"]["key_file"] == "/vault/crisp-key")
+    def tls_ok() -> tuple[bool, str]:
+        pod = pod_spec(full)
+        vol = next((v for v in pod["volumes"] if v["name"] == "amqp-tls"), None)
+        if not vol or vol["secret"]["secretName"] != "crisp-bridge-rabbitmq-tls":
+            return False, f"volumes {pod['volumes']}"
+        if [i["key"] for i in vol["secret"]["items"]] != ["ca.crt", "tls.crt", "tls.key"] or "subPath" in str(container(full)["volumeMounts"]):
+            return False, f"items {vol['secret']['items']}"
+        mount = next((m for m in container(full)["volumeMounts"] if m["name"] == "amqp-tls"), {})
+        tls = config_toml(full)["amqp"].get("tls", {})
+        want = {k: f"{mount.get('mountPath')}/{f}" for k, f in [("ca_file", "ca.crt"), ("cert_file", "tls.crt"), ("key_file", "tls.key")]}
+        if tls != want or config_toml(full)["crisp"].get("proxy") != "http://proxy.internal:3128":
+            return False, f"[amqp.tls] {tls}, crisp {config_toml(full)['crisp']}"
+        ca_only = documents(render(chart, {**CI_SECRETS, "amqpTls": {"secretName": "ca", "clientCertificate": False}, "crisp": {"caFile": "/etc/ssl/egress/ca.crt"}}))
+        if set(config_toml(ca_only)["amqp"]["tls"]) != {"ca_file"} or config_toml(ca_only)["crisp"].get("ca_file") != "/etc/ssl/egress/ca.crt":
+            return False, f"ca only: {config_toml(ca_only)['amqp']}"
+        test_pod = one(full, "Pod")["spec"]
+        if not any(v["name"] == "amqp-tls" for v in test_pod["volumes"]):
+            return False, "helm test pod lacks the TLS volume (check reads the files)"
+        with_cm = documents(render(chart, {**load_yaml(CI_DIR / "existing-values.yaml"), "amqpTls": {"secretName": "tls"}, "crisp": {"proxy": "http://p:3128"}}))
+        env = {e["name"]: e.get("value") for e in container(with_cm)["env"]}
+        if env.get("CRISP_BRIDGE_AMQP__TLS__CERT_FILE") != "/etc/crisp-bridge-tls/tls.crt" or env.get("CRISP_BRIDGE_CRISP__PROXY") != "http://p:3128":
+            return False, f"existingConfigMap env {env}"
+        return True, ""
+
+    attempt("amqpTls: the Secret's ca.crt/tls.crt/tls.key mounted (no subPath) and named by [amqp.tls]; crisp.proxy/caFile in the TOML; the helm test pod mounts it too; with existingConfigMap as CRISP_BRIDGE_* variables",
+            tls_ok)
     attempt("existingConfigMap is mounted when set",
             lambda: one(existing, "Deployment")["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "crisp-bridge-config")
 
@@ -566,7 +606,7 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
                 and order.get("data") == {"order_id": "/id", "total": "/amount/total", "currency": "/amount/currency"})
         return good, json.dumps(list(rules.values()))
 
-    attempt("default rules: DESIGN's order-created example plus trial-started", default_rules_ok)
+    attempt("default rules: the README's order-created example plus trial-started", default_rules_ok)
 
     # Checksums roll the pods.
     defaults = {**copy.deepcopy(defaults), **copy.deepcopy(CI_SECRETS)}

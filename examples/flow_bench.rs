@@ -1,11 +1,14 @@
 //! Flow-control benchmark: N bridge processes (release build, children) on one queue
-//! against the in-process Crisp sandbox limited to R event POSTs in any 1 s window
-//! (429 beyond, shared by every pod). After a warm-up it measures for S seconds, then
+//! against the in-process Crisp sandbox limited to R event POSTs a second, counted the
+//! way `--shape` says (token_bucket, sliding_window, fixed_window, fixed_window_minute;
+//! 429 beyond, shared by every pod). The pods start cold on a backlog, together or one
+//! every `--join-every` seconds, and the whole run counts, from the first pod's start:
+//! what reached Crisp against the limit, and the share of requests answered 429. Then it
 //! lifts the limit and measures how long the pods take to send above 10 R per second,
 //! drains the queue and tallies losses, duplicates and dead letters.
 //!
 //!     cargo run --release --example flow_bench -- [--pods 3] [--limit 50] [--latency-ms 100]
-//!         [--warmup 5] [--seconds 20] [--retry-after 0|1]
+//!         [--shape sliding_window] [--join-every 0] [--seconds 30] [--retry-after 0|1]
 //!
 //! `--limit 0` runs without a limit (throughput only). `FLOW_BENCH_BIN` picks the
 //! binary (e.g. an older build, for a same-run baseline; a `CRISP_BRIDGE_` name would be
@@ -28,8 +31,18 @@ async fn main() {
     let pods = arg(&args, "--pods", 3) as usize;
     let limit = arg(&args, "--limit", 50);
     let latency_ms = arg(&args, "--latency-ms", 100);
-    let warmup = arg(&args, "--warmup", 5);
-    let seconds = arg(&args, "--seconds", 20);
+    let join_every = arg(&args, "--join-every", 0);
+    // Long enough for the last pod to join and run 20 s more.
+    let seconds = arg(&args, "--seconds", 20 + join_every * (pods as u64 - 1)).max(1);
+    let shape_name = args
+        .iter()
+        .position(|a| a == "--shape")
+        .and_then(|i| args.get(i + 1))
+        .map_or("sliding_window", String::as_str);
+    let Some(shape) = crisp_bridge::sandbox::LimiterShape::parse(shape_name) else {
+        eprintln!("flow_bench: unknown --shape {shape_name}");
+        std::process::exit(2);
+    };
     let retry_after = arg(&args, "--retry-after", 0) == 1;
     let bin = bin_from_env("FLOW_BENCH_BIN");
 
@@ -39,11 +52,11 @@ async fn main() {
     sandbox.state.set_latency(Duration::from_millis(latency_ms));
     sandbox
         .state
-        .set_rate_limit((limit > 0).then_some(limit as u32), retry_after);
+        .set_rate_limiter((limit > 0).then_some(limit as u32), retry_after, shape);
     let publisher = BrokerClient::connect_to(&url).await;
     // Enough for the measured stretch at the limit, and for the ramp once it is lifted.
     let n = if limit > 0 {
-        limit * (warmup + seconds) * 13 / 10 + limit * 60
+        limit * seconds * 13 / 10 + limit * 60
     } else {
         20_000
     };
@@ -58,23 +71,30 @@ async fn main() {
             .publish_load(&names.exchange, "load.event", seq, people)
             .await;
     }
+    // The limiter starts counting now, as the first pod starts cold on the backlog.
+    sandbox
+        .state
+        .set_rate_limiter((limit > 0).then_some(limit as u32), retry_after, shape);
+    let started = Instant::now();
+    let started_ms = now_ms();
     let mut bridges = Vec::new();
-    for _ in 0..pods {
+    for k in 0..pods {
+        let joins = started + Duration::from_secs(join_every * k as u64);
+        tokio::time::sleep_until(joins.into()).await;
         bridges.push(Bridge::command(&bin, &config, free_port()).spawn().await);
     }
-    let started = Instant::now();
 
     let (achieved, refused_pct, ramp) = if limit > 0 {
-        tokio::time::sleep(Duration::from_secs(warmup)).await;
-        let (e0, a0) = (sandbox.state.events().len(), sandbox.state.attempts().len());
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        tokio::time::sleep_until((started + Duration::from_secs(seconds)).into()).await;
+        let end_ms = started_ms + seconds * 1000;
         let attempts = sandbox.state.attempts();
-        let events = sandbox.state.events().len() - e0;
-        let elapsed = t0.elapsed().as_secs_f64();
-        let window: Vec<_> = attempts[a0..].iter().filter(|a| is_event_post(a)).collect();
+        let window: Vec<_> = attempts
+            .iter()
+            .filter(|a| is_event_post(a) && a.at_ms >= started_ms && a.at_ms < end_ms)
+            .collect();
+        let accepted = window.iter().filter(|a| a.status / 100 == 2).count();
         let refused = window.iter().filter(|a| a.status == 429).count();
-        let achieved = events as f64 / elapsed / limit as f64;
+        let achieved = accepted as f64 / seconds as f64 / limit as f64;
         let refused_pct = 100.0 * refused as f64 / window.len().max(1) as f64;
 
         // Lift the limit: how long until the pods send above 10x the old limit?
@@ -127,8 +147,8 @@ async fn main() {
 
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.3}{unit}"));
     println!(
-        "flow_bench: pods={pods} limit={limit}/s latency={latency_ms}ms retry_after={retry_after} \
-         messages={n}: achieved/limit={} 429={} ramp_to_10x={} | whole run: {:.0} msg/s, \
+        "flow_bench: pods={pods} join_every={join_every}s shape={shape_name} limit={limit}/s latency={latency_ms}ms retry_after={retry_after} \
+         messages={n} seconds={seconds}: achieved/limit={} 429={} ramp_to_10x={} | whole run: {:.0} msg/s, \
          {posts} posts, {total_refused} x 429, lost={lost} duplicated={duplicates} dead_lettered={dead}",
         fmt(achieved, ""),
         fmt(refused_pct, "%"),
@@ -137,4 +157,10 @@ async fn main() {
     );
     publisher.delete(&names).await;
     let _ = std::fs::remove_file(config);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

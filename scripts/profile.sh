@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU profiles of the floor and the bridge draining the same backlog (issue 10): one run of
+# CPU profiles of the floor and the bridge draining the same backlog: one run of
 # examples/perf.rs with binaries that keep their symbols (the `profiling` profile), and
 # `perf record` attached to each contender for a few seconds of its drain. Writes
 # target/profiles/{floor,bridge}.{data,txt}; the .txt lists symbols by share of samples.

@@ -3,6 +3,7 @@
 # Crisp sandbox. Starts a local broker when AMQP_URL is not set.
 # TEST_RABBITMQ=4 runs them against RabbitMQ 4.x instead (Debian 13's, in a chroot on
 # port 5673: scripts/ensure-rabbitmq4.sh), e.g. only the integration tests:
+# (Both ways it also starts two AMQPS nodes beside it: scripts/ensure-rabbitmq-tls.sh.)
 #   TEST_RABBITMQ=4 scripts/test.sh --test it --test broker_restart
 # (Test settings are not named CRISP_BRIDGE_*: the bridge reads those as config keys.)
 set -euo pipefail
@@ -15,6 +16,16 @@ else
   AMQP_URL="$(scripts/ensure-rabbitmq.sh)"
 fi
 export AMQP_URL
+
+# The AMQPS nodes and certificates of the TLS tests (tests/it/tls.rs), of the same
+# RabbitMQ line; they fail, saying how to start them, when these are missing.
+if [ -z "${TEST_TLS_AMQPS_URL:-}" ]; then
+  if tls_env="$(scripts/ensure-rabbitmq-tls.sh)"; then
+    eval "$tls_env"
+  else
+    echo "test.sh: the TLS brokers did not start (scripts/ensure-rabbitmq-tls.sh); the TLS tests will fail" >&2
+  fi
+fi
 
 # Name the broker version in the log, when the local rabbitmqctl drives the URL's node
 # (it lists an AMQP listener on the URL's port).

@@ -225,7 +225,11 @@ impl Session {
         };
         self.health.set_consuming(true);
         tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
-        let acks = Arc::new(Acks::new(channel.clone(), amqp.prefetch));
+        let acks = Arc::new(Acks::new(
+            channel.clone(),
+            amqp.prefetch,
+            self.pipeline.stopping(),
+        ));
         tokio::spawn(Arc::clone(&acks).run());
         let end = self.pump(&acks, consumer, shutdown).await;
         self.health.set_consuming(false);
@@ -238,6 +242,7 @@ impl Session {
                 let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
             }
             SessionEnd::BrokerLost(_) => {
+                acks.session_lost();
                 // The broker requeues whatever we had not acked; stop the flusher.
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, acks.close()).await;
             }

@@ -1,9 +1,9 @@
-//! The command line (DESIGN "Command line"): `run`, `check`, `map`, `test`, `replay`,
+//! The command line (`docs/contract.md`, "Command line"): `run`, `check`, `map`, `test`, `replay`,
 //! `sandbox`.
 
 use crate::config::{self, Problem};
 use crate::contract::capture::{self, CaptureError};
-use crate::contract::{test_file, Message, Offline, Outcome};
+use crate::contract::{test_file, Message, Offline, Verdict};
 use crate::sandbox::{Sandbox, SandboxOptions};
 use crate::{app::App, telemetry};
 use clap::{Parser, Subcommand};
@@ -159,6 +159,24 @@ enum Command {
         /// default answers 404 people_not_found)
         #[arg(long)]
         auto_create_profiles: bool,
+        /// Enforce the limits Crisp published for chatbox events (text 80 characters, 10
+        /// data keys, keys of 1-50 characters [A-Za-z0-9_-], values up to 120 characters):
+        /// 400 invalid_data beyond them
+        #[arg(long)]
+        event_limits: bool,
+        /// Limit event POSTs to this many a second, shared by every client (429 beyond)
+        #[arg(long, value_name = "N")]
+        rate_limit: Option<u32>,
+        /// How --rate-limit counts: sliding_window, token_bucket, fixed_window,
+        /// fixed_window_minute
+        #[arg(long, value_name = "SHAPE", default_value = "sliding_window", value_parser = parse_shape)]
+        rate_limit_shape: crate::sandbox::LimiterShape,
+        /// Serve HTTPS with this PEM certificate chain (needs --tls-key)
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -211,6 +229,11 @@ pub fn main() -> ExitCode {
             website_ids,
             tier,
             auto_create_profiles,
+            event_limits,
+            rate_limit,
+            rate_limit_shape,
+            tls_cert,
+            tls_key,
         } => {
             let options = SandboxOptions {
                 identifier,
@@ -218,19 +241,23 @@ pub fn main() -> ExitCode {
                 tier,
                 website_ids,
                 auto_create_profiles,
+                event_limits,
+                tls: tls_cert.zip(tls_key).map(|(cert_file, key_file)| {
+                    crate::sandbox::SandboxTls {
+                        cert_file,
+                        key_file,
+                    }
+                }),
             };
-            runtime.block_on(sandbox(listen, options))
+            runtime.block_on(sandbox(listen, options, rate_limit, rate_limit_shape))
         }
     }
 }
 
 async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> ExitCode {
-    let loaded = match config::load(path.as_deref()) {
+    let loaded = match load(path.as_deref(), ExitCode::FAILURE) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let amqp = &loaded.amqp;
     match crate::replay::replay(amqp, &selection).await {
@@ -274,6 +301,14 @@ async fn replay(path: Option<PathBuf>, selection: crate::replay::Selection) -> E
     }
 }
 
+/// Loads the config, or says why it cannot and gives `failure` to exit with.
+fn load(path: Option<&std::path::Path>, failure: ExitCode) -> Result<config::Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        failure
+    })
+}
+
 fn print_problems(problems: &[Problem]) {
     eprintln!("config has {} problem(s):", problems.len());
     for p in problems {
@@ -282,15 +317,21 @@ fn print_problems(problems: &[Problem]) {
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {
-    let loaded = match config::load(path.as_deref()) {
+    let loaded = match load(path.as_deref(), ExitCode::FAILURE) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
+    // The TLS files as the first connection would read them (run retries instead).
+    let tls_problems = config::tls_file_problems(&loaded);
     match config::validate(loaded) {
+        Ok(_) if !tls_problems.is_empty() => {
+            print_problems(&tls_problems);
+            ExitCode::FAILURE
+        }
         Ok(v) => {
+            for w in v.router.warnings() {
+                eprintln!("warning: {w}");
+            }
             let names: Vec<&str> = v.router.rule_names().collect();
             let printed = print_line(&format!(
                 "config OK: {} rule(s) ({}); queue `{}` bound to `{}` with {}",
@@ -302,7 +343,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             ));
             printed.err().unwrap_or(ExitCode::SUCCESS)
         }
-        Err(problems) => {
+        Err(mut problems) => {
+            problems.extend(tls_problems);
             print_problems(&problems);
             ExitCode::FAILURE
         }
@@ -311,13 +353,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 
 /// Loads the config and compiles only the rules: trying rules needs no credentials.
 fn offline(path: Option<PathBuf>) -> Option<(config::Config, Offline)> {
-    let loaded = match config::load(path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return None;
-        }
-    };
+    let loaded = load(path.as_deref(), ExitCode::FAILURE).ok()?;
     match Offline::from_config(&loaded) {
         Ok(offline) => Some((loaded, offline)),
         Err(problems) => {
@@ -348,7 +384,7 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
     };
     let mut out = Out::new(false);
     let (lines, code) = match offline.evaluate(&message) {
-        Outcome::Deliver(m) => {
+        Verdict::Deliver(m) => {
             let mut lines = vec![
                 format!("POST {}", offline.url(&m)),
                 "Content-Type: application/json".to_owned(),
@@ -378,8 +414,8 @@ fn map(path: Option<PathBuf>, routing_key: &str, message: &str) -> ExitCode {
             }
             (lines, ExitCode::SUCCESS)
         }
-        Outcome::Skip(detail) => (vec![format!("skipped: {detail}")], ExitCode::SUCCESS),
-        Outcome::DeadLetter(dl) => {
+        Verdict::Skip(detail) => (vec![format!("skipped: {detail}")], ExitCode::SUCCESS),
+        Verdict::DeadLetter(dl) => {
             let rule = dl
                 .rule
                 .as_deref()
@@ -424,7 +460,7 @@ fn map_capture(path: Option<PathBuf>, input: &str, format: Format) -> ExitCode {
     let name = if input == "-" { "stdin" } else { input };
     let result = capture::try_for_each(reader, name, |line, message| {
         let outcome = offline.evaluate(&message);
-        if matches!(outcome, Outcome::DeadLetter(_)) {
+        if matches!(outcome, Verdict::DeadLetter(_)) {
             dead += 1;
         }
         let text = match format {
@@ -497,12 +533,9 @@ fn test(path: Option<PathBuf>, files: &[PathBuf]) -> ExitCode {
 }
 
 async fn run(path: Option<PathBuf>) -> ExitCode {
-    let loaded = match config::load(path.as_deref()) {
+    let loaded = match load(path.as_deref(), ExitCode::from(EXIT_CONFIG)) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     telemetry::init_logging(&loaded.log);
     let validated = match config::validate(loaded) {
@@ -515,6 +548,9 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    for w in validated.router.warnings() {
+        tracing::warn!(warning = %w, "a rule may exceed Crisp's chatbox event limits");
+    }
     let app = match App::build(validated).await {
         Ok(app) => app,
         Err(e) => {
@@ -534,7 +570,12 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
+async fn sandbox(
+    listen: SocketAddr,
+    options: SandboxOptions,
+    rate_limit: Option<u32>,
+    shape: crate::sandbox::LimiterShape,
+) -> ExitCode {
     telemetry::init_logging(&config::LogConfig {
         level: "info".into(),
         format: config::LogFormat::Text,
@@ -542,16 +583,28 @@ async fn sandbox(listen: SocketAddr, options: SandboxOptions) -> ExitCode {
     let sandbox = match Sandbox::start(listen, options).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot listen on {listen}: {e}");
+            eprintln!("error: cannot start the sandbox on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(api_url = %sandbox.api_url(), events = %format!("http://{}/_sandbox/events", sandbox.addr), "Crisp sandbox listening");
+    sandbox.state.set_rate_limiter(rate_limit, false, shape);
+    tracing::info!(api_url = %sandbox.api_url(), events = %format!("{}/_sandbox/events", sandbox.api_url().trim_end_matches("/v1")), "Crisp sandbox listening");
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(stop.clone()));
     stop.cancelled().await;
     sandbox.stop();
     ExitCode::SUCCESS
+}
+
+fn parse_shape(name: &str) -> Result<crate::sandbox::LimiterShape, String> {
+    crate::sandbox::LimiterShape::parse(name).ok_or_else(|| {
+        format!(
+            "`{name}` is not a limiter shape; use one of {}",
+            crate::sandbox::LimiterShape::ALL
+                .map(|s| s.name())
+                .join(", ")
+        )
+    })
 }
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.

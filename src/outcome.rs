@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-/// Stable reason codes written to `x-crisp-bridge-reason` (the contract in DESIGN.md).
+/// Stable reason codes written to `x-crisp-bridge-reason` (`docs/contract.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     InvalidJson,

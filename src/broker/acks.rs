@@ -2,8 +2,8 @@
 //!
 //! Each lapin ack travels through lapin's internal RPC task, a task spawned per ack and
 //! a wake of the IO thread, and each is one settle command for the broker (a Raft
-//! command on a quorum queue): per message, that was a visible share of the bridge's CPU
-//! (issue 10). Here a delivery whose fate is an ack is only marked *ready*; one flusher
+//! command on a quorum queue): per message, that was a visible share of the bridge's CPU.
+//! Here a delivery whose fate is an ack is only marked *ready*; one flusher
 //! task per channel sends `basic.ack` with `multiple` for the longest run of ready tags
 //! below the oldest delivery still open. While one batch is being written, the next
 //! gathers, so batches grow with load and cost nothing when idle (group commit).
@@ -89,24 +89,40 @@ pub struct Acks {
     wake: Notify,
     /// The session is over: the flusher ends.
     closed: CancellationToken,
+    /// Deliveries of this session stop waiting (the pipeline stops, or the session
+    /// ended and the broker redelivers them elsewhere).
+    give_up: CancellationToken,
     /// More ready acks than this waiting above an open tag are sent alone at once.
     max_waiting: usize,
 }
 
 impl Acks {
-    /// `prefetch`: the channel's window, half of which ready acks may hold.
-    pub fn new(channel: Channel, prefetch: u16) -> Self {
+    /// `prefetch`: the channel's window, half of which ready acks may hold; `stopping`:
+    /// the pipeline's, which makes this session's deliveries give up too.
+    pub fn new(channel: Channel, prefetch: u16, stopping: &CancellationToken) -> Self {
         Self {
             channel,
             tags: Mutex::new(Tags::default()),
             wake: Notify::new(),
             closed: CancellationToken::new(),
+            give_up: stopping.child_token(),
             max_waiting: usize::from(prefetch / 2).max(1),
         }
     }
 
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Cancelled when this session's deliveries must stop waiting.
+    pub fn give_up(&self) -> &CancellationToken {
+        &self.give_up
+    }
+
+    /// The session ended (the connection or channel was lost): its deliveries waiting
+    /// at a hold or in a backoff give up now; the broker redelivers them.
+    pub fn session_lost(&self) {
+        self.give_up.cancel();
     }
 
     fn tags(&self) -> std::sync::MutexGuard<'_, Tags> {

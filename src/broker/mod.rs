@@ -3,6 +3,7 @@
 
 pub mod acks;
 pub mod settle;
+pub mod tls;
 
 use crate::config::{self, redact, AmqpConfig, QueueType};
 use lapin::options::{
@@ -57,13 +58,23 @@ impl std::fmt::Debug for BrokerError {
 
 impl std::error::Error for BrokerError {}
 
-/// Why no connection was made: the URL itself (nothing was sent), or the broker.
+/// Why no connection was made: the URL itself (nothing was sent), the broker, or TLS
+/// (its files, or the handshake).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{0}")]
     Url(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error("cannot use the TLS files for RabbitMQ (retrying, they are read again at each attempt): {0}")]
+    TlsFiles(#[from] tls::TlsFileError),
+    /// No `source()`, as for [`BrokerError`]: `reason` holds what lapin said, scrubbed.
+    #[error("TLS with RabbitMQ at {host}:{port} failed: {reason}")]
+    Handshake {
+        host: String,
+        port: u16,
+        reason: String,
+    },
 }
 
 trait Context<T> {
@@ -87,13 +98,43 @@ pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
     // Parsed here, not by lapin, whose error would quote the URL whole.
     let uri = config::parse_amqp_url(url.expose())
         .map_err(|why| ConnectError::Url(bad_url_message(amqp, &why)))?;
-    let connection = Connection::connect_uri(uri, properties).await.context(|| {
+    let context = || {
         format!(
             "connecting to RabbitMQ at {} (check {})",
             redact::redact_url(url.expose()),
             amqp.url_key()
         )
-    })?;
+    };
+    // Read again before each connection too: cert-manager rotates them.
+    let tls_config = match &amqp.tls {
+        Some(files) => tls::load(files)?,
+        None => Default::default(),
+    };
+    let client_cert = tls_config.identity.is_some();
+    let amqps = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+    let (host, port) = (uri.authority.host.clone(), uri.authority.port);
+    let runtime = lapin::runtime::default_runtime().context(context)?;
+    let connecting = Connection::connect_uri_with_config(uri, properties, tls_config, runtime);
+    let connection = match connecting.await {
+        Ok(connection) => connection,
+        Err(source) => {
+            let reason = amqps
+                .then(|| tls::describe_failure(&source, &host, client_cert))
+                .flatten();
+            return Err(match reason {
+                Some(reason) => ConnectError::Handshake {
+                    host,
+                    port,
+                    reason: redact::scrub(&reason).into_owned(),
+                },
+                None => BrokerError {
+                    what: context(),
+                    source,
+                }
+                .into(),
+            });
+        }
+    };
     // lapin records 0 ("no limit") as u32::MAX, which then keeps the default.
     FRAME_MAX.fetch_min(connection.configuration().frame_max(), Ordering::Relaxed);
     Ok(connection)

@@ -18,7 +18,7 @@ pub const HEADER_REASON: &str = "x-crisp-bridge-reason";
 pub const HEADER_DETAIL: &str = "x-crisp-bridge-detail";
 pub const HEADER_RULE: &str = "x-crisp-bridge-rule";
 
-/// At most this many bytes in each header we add (DESIGN: hostile answers and limits):
+/// At most this many bytes in each header we add (`docs/contract.md`, "Bounds"):
 /// a detail may quote a Crisp answer or a message of any size.
 pub const MAX_HEADER_BYTES: usize = 1024;
 

@@ -8,7 +8,7 @@ mod validate;
 
 pub use redact::redact_url;
 pub use secret::{read_secret_file, Secret};
-pub use validate::{validate, Problem, Validated};
+pub use validate::{tls_file_problems, validate, Problem, Validated};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -26,7 +26,7 @@ pub const ENV_PREFIX: &str = "CRISP_BRIDGE_";
 pub enum LoadError {
     #[error("config file {0} does not exist; pass --config with an existing file or unset CRISP_BRIDGE_CONFIG")]
     Missing(PathBuf),
-    #[error("config is invalid: {0}")]
+    #[error("config is invalid:\n  - {0}")]
     Invalid(String),
 }
 
@@ -60,9 +60,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, LoadError> {
         })
         .and_then(Path::parent)
         .map(Path::to_path_buf);
-    let mut config = figment
-        .extract::<Config>()
-        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))?;
+    let mut config = extract(&figment)?;
     if let Some(base) = &base {
         config.resolve_relative_paths(base);
     }
@@ -78,11 +76,18 @@ impl Config {
             &mut self.amqp.url_file,
             &mut self.crisp.identifier_file,
             &mut self.crisp.key_file,
+            &mut self.crisp.ca_file,
         ]
         .into_iter()
+        .chain(
+            self.amqp
+                .tls
+                .iter_mut()
+                .flat_map(|t| [&mut t.ca_file, &mut t.cert_file, &mut t.key_file]),
+        )
         .flatten()
         {
-            if path.is_relative() {
+            if path.is_relative() && !path.as_os_str().is_empty() {
                 *path = base.join(&*path);
             }
         }
@@ -141,33 +146,107 @@ pub fn from_toml_str(toml: &str) -> Result<Config, LoadError> {
 /// Loads from TOML layers, later ones overriding earlier ones key by key, then the
 /// environment.
 pub fn from_toml_layers(layers: &[&str]) -> Result<Config, LoadError> {
-    layers
+    let figment = layers
         .iter()
         .fold(Figment::new(), |f, layer| f.merge(Toml::string(layer)))
-        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
-        .extract::<Config>()
-        .map_err(|e| LoadError::Invalid(describe_figment_error(e)))
+        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+    extract(&figment)
 }
 
-fn describe_figment_error(error: figment::Error) -> String {
+/// The config, or every type error in it: serde stops at the first error of a struct,
+/// so after a failure each section, and each rule, is read on its own (a bad `prefetch`
+/// must not hide a bad `color`), and rules are named by their `name`.
+fn extract(figment: &Figment) -> Result<Config, LoadError> {
+    let whole = match figment.extract::<Config>() {
+        Ok(config) => return Ok(config),
+        Err(e) => e,
+    };
+    let mut problems = Vec::new();
+    const SECTIONS: [&str; 6] = ["amqp", "crisp", "delivery", "server", "log", "rules"];
+    if let Ok(top) = figment.extract::<std::collections::BTreeMap<String, figment::value::Value>>()
+    {
+        for key in top.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+            problems.push(format!(
+                "key `{key}`: unknown section; expected one of {}",
+                SECTIONS.join(", ")
+            ));
+        }
+    }
+    let mut section = |name: &str, result: Result<(), figment::Error>| match result {
+        // An absent section takes its defaults.
+        Err(e) if !e.missing() => problems.extend(describe_figment_error(e, name)),
+        _ => {}
+    };
+    section(
+        "amqp",
+        figment.extract_inner::<AmqpConfig>("amqp").map(drop),
+    );
+    section(
+        "crisp",
+        figment.extract_inner::<CrispConfig>("crisp").map(drop),
+    );
+    section(
+        "delivery",
+        figment
+            .extract_inner::<DeliveryConfig>("delivery")
+            .map(drop),
+    );
+    section(
+        "server",
+        figment.extract_inner::<ServerConfig>("server").map(drop),
+    );
+    section("log", figment.extract_inner::<LogConfig>("log").map(drop));
+    match figment.extract_inner::<Vec<figment::value::Value>>("rules") {
+        Ok(rules) => {
+            for (index, rule) in rules.iter().enumerate() {
+                if let Err(e) = rule.deserialize::<RuleConfig>() {
+                    let name = rule
+                        .find_ref("name")
+                        .and_then(|n| n.as_str())
+                        .filter(|n| !n.trim().is_empty())
+                        .map_or_else(
+                            || format!("rule #{} (unnamed)", index + 1),
+                            |n| format!("rule `{n}`"),
+                        );
+                    problems.extend(describe_figment_error(e, &name));
+                }
+            }
+        }
+        Err(e) if !e.missing() => problems.extend(describe_figment_error(e, "rules")),
+        Err(_) => {}
+    }
+    if problems.is_empty() {
+        // Not within a section (an unknown top-level key, say): what the whole said.
+        problems = describe_figment_error(whole, "");
+    }
+    Err(LoadError::Invalid(problems.join("\n  - ")))
+}
+
+/// One line per error, each naming its key under `within` (a section, or a rule).
+fn describe_figment_error(error: figment::Error, within: &str) -> Vec<String> {
     error
         .into_iter()
         .map(|e| {
-            let key = e.path.join(".");
+            let mut path = e.path.clone();
+            // A section read alone names itself somewhere in the path.
+            path.retain(|p| p != within);
+            let key = path.join(".");
             let source = e
                 .metadata
                 .as_ref()
                 .and_then(|m| m.source.as_ref())
                 .map(|s| format!(" (from {s})"))
                 .unwrap_or_default();
-            if key.is_empty() {
-                format!("{}{source}", e.kind)
-            } else {
-                format!("key `{key}`: {}{source}", e.kind)
-            }
+            let at = match (within.is_empty(), key.is_empty()) {
+                (true, true) => String::new(),
+                (true, false) => format!("key `{key}`: "),
+                (false, true) => format!("{within}: "),
+                (false, false) if within.starts_with("rule") => format!("{within} key `{key}`: "),
+                (false, false) => format!("key `{within}.{key}`: "),
+            };
+            format!("{at}{}{source}", e.kind)
         })
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect()
 }
 
 /// The whole configuration file.
@@ -228,6 +307,37 @@ pub struct AmqpConfig {
     /// Largest message body handled; a larger one is dead-lettered `too_large` without
     /// being parsed (memory stays bounded whatever publishers send).
     pub max_message_bytes: usize,
+    /// TLS files for `amqps://` URLs (a private CA, mutual TLS); read again before each
+    /// connection. Without this table, `amqps://` trusts the system's CA certificates.
+    pub tls: Option<AmqpTlsConfig>,
+}
+
+/// `[amqp.tls]`: PEM files, relative to the config file. An empty path counts as unset.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpTlsConfig {
+    /// CA certificates (PEM bundle) trusted for the broker, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), for brokers that require one; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM, unencrypted); needs `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl AmqpTlsConfig {
+    pub fn ca(&self) -> Option<&Path> {
+        given(&self.ca_file)
+    }
+    pub fn cert(&self) -> Option<&Path> {
+        given(&self.cert_file)
+    }
+    pub fn key(&self) -> Option<&Path> {
+        given(&self.key_file)
+    }
+}
+
+fn given(path: &Option<PathBuf>) -> Option<&Path> {
+    path.as_deref().filter(|p| !p.as_os_str().is_empty())
 }
 
 impl Default for AmqpConfig {
@@ -245,6 +355,7 @@ impl Default for AmqpConfig {
             delivery_limit: 20,
             consumer_timeout: Duration::from_secs(30 * 60),
             max_message_bytes: 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -285,6 +396,12 @@ pub struct CrispConfig {
     pub key_file: Option<PathBuf>,
     /// Base URL of the REST API, up to and including `/v1`.
     pub api_url: String,
+    /// PEM bundle of CA certificates trusted for `api_url` besides the system's (a
+    /// TLS-inspecting egress proxy). Relative to the config file; read at start.
+    pub ca_file: Option<PathBuf>,
+    /// Proxy for Crisp requests, like `http://proxy:3128` (HTTPS goes through CONNECT).
+    /// Empty: `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` and `NO_PROXY` from the environment.
+    pub proxy: Secret,
     /// Token tier sent as `X-Crisp-Tier`.
     pub tier: Tier,
     /// Timeout of one Crisp request.
@@ -304,6 +421,8 @@ impl Default for CrispConfig {
             identifier_file: None,
             key_file: None,
             api_url: "https://api.crisp.chat/v1".into(),
+            ca_file: None,
+            proxy: Secret::new(""),
             tier: Tier::Plugin,
             timeout: Duration::from_secs(10),
             create_missing_profiles: false,
@@ -469,6 +588,42 @@ pub struct RuleConfig {
 /// descriptions). `schemas/config.schema.json` is this, kept current by a test.
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn every_type_error_is_listed_and_rules_are_named() {
+        let err = from_toml_str(
+            r#"
+            [amqp]
+            prefetch = -1
+            [delivery]
+            concurrency = "many"
+            [surprise]
+            x = 1
+            [[rules]]
+            name = "order-created"
+            routing_key = "order.created"
+            people_id = "/email"
+            text = "order:created"
+            color = 7
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        for wanted in [
+            "key `amqp.prefetch`",
+            "key `delivery.concurrency`",
+            "key `surprise`: unknown section",
+            "rule `order-created` key `color`",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted} in\n{err}");
+        }
+        assert!(!err.contains("rules[0]"), "{err}");
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 /// One configuration problem: where it is and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `rules[2] `order-created`` for a rule, empty otherwise.
+    /// ``rule `order-created` `` for a rule (``rule #3 (unnamed)`` without a name, counting
+    /// from 1), empty otherwise.
     pub rule: String,
     /// The key, like `color` or `crisp.website_id`.
     pub key: String,
@@ -26,7 +27,11 @@ impl Problem {
 
     pub fn rule(index: usize, name: &str, key: &str, message: impl Into<String>) -> Self {
         Self {
-            rule: format!("rules[{index}] `{name}`"),
+            rule: if name.trim().is_empty() {
+                format!("rule #{} (unnamed)", index + 1)
+            } else {
+                format!("rule `{name}`")
+            },
             key: key.into(),
             message: message.into(),
         }
@@ -101,6 +106,27 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             ),
         );
     }
+    if let Some(tls) = &amqp.tls {
+        if url.starts_with("amqp://") {
+            bad(
+                "amqp.tls",
+                "is set but amqp.url starts with amqp://, which never uses TLS; use amqps:// (port 5671 usually) or remove [amqp.tls]".into(),
+            );
+        }
+        match (tls.cert(), tls.key()) {
+            (Some(_), None) => bad(
+                "amqp.tls.cert_file",
+                "is set without amqp.tls.key_file; a client certificate needs its private key"
+                    .into(),
+            ),
+            (None, Some(_)) => bad(
+                "amqp.tls.key_file",
+                "is set without amqp.tls.cert_file; a private key needs its client certificate"
+                    .into(),
+            ),
+            _ => {}
+        }
+    }
     for (key, value) in [
         ("amqp.exchange", &amqp.exchange),
         ("amqp.queue", &amqp.queue),
@@ -169,6 +195,27 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             ),
         ),
         Some(_) => {}
+    }
+    if !crisp.proxy.is_blank() {
+        let proxy = reqwest::Url::parse(crisp.proxy.expose()).ok();
+        if !proxy.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+            bad(
+                "crisp.proxy",
+                format!(
+                    "`{}` is not a proxy URL like http://proxy:3128; leave it empty to use HTTPS_PROXY / NO_PROXY",
+                    hide_userinfo(crisp.proxy.expose())
+                ),
+            );
+        }
+    }
+    if let Some(path) = crisp
+        .ca_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        if let Err(e) = crate::broker::tls::read_ca_bundle("crisp.ca_file", path) {
+            bad("crisp.ca_file", e.to_string());
+        }
     }
     if crisp.timeout.is_zero() {
         bad("crisp.timeout", "is 0; use something like \"10s\"".into());
@@ -263,6 +310,19 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
             listen,
         }),
         _ => Err(problems),
+    }
+}
+
+/// The `[amqp.tls]` files as a connection would read them now: missing, unreadable or
+/// mismatched files. `check` refuses them; `run` only warns, since a file missing at
+/// start (cert-manager not done yet) is retried at each connection.
+pub fn tls_file_problems(config: &Config) -> Vec<Problem> {
+    let Some(tls) = &config.amqp.tls else {
+        return Vec::new();
+    };
+    match crate::broker::tls::load(tls) {
+        Ok(_) => Vec::new(),
+        Err(e) => vec![Problem::global(e.key(), e.to_string())],
     }
 }
 
@@ -395,6 +455,82 @@ mod tests {
             assert!(!text.contains("Vd8-unparsed"), "{text}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_needs_amqps_and_pairs_cert_with_key_relative_to_the_config() {
+        let amqps = OK.to_owned() + "[amqp]\nurl = \"amqps://u:p@rabbit:5671/%2f\"\n";
+        let with = |url_toml: &str, tls: &str| {
+            let mut config = from_toml_str(&format!("{url_toml}[amqp.tls]\n{tls}")).unwrap();
+            config.resolve_relative_paths(std::path::Path::new("/etc/cb"));
+            config
+        };
+        let config = with(&amqps, "ca_file = \"tls/ca.crt\"\n");
+        let tls = config.amqp.tls.clone().unwrap();
+        assert_eq!(tls.ca(), Some(std::path::Path::new("/etc/cb/tls/ca.crt")));
+        assert!(validate(config).is_ok());
+
+        let plain = OK.to_owned() + "[amqp]\nurl = \"amqp://u:p@rabbit:5672/%2f\"\n";
+        let problems = validate(with(&plain, "ca_file = \"ca.crt\"\n")).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "amqp.tls" && p.message.contains("amqps://")),
+            "{problems:?}"
+        );
+        let problems = validate(with(&amqps, "cert_file = \"tls.crt\"\n")).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.key == "amqp.tls.cert_file"),
+            "{problems:?}"
+        );
+        let problems = validate(with(&amqps, "key_file = \"tls.key\"\n")).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.key == "amqp.tls.key_file"),
+            "{problems:?}"
+        );
+        // Files are check's (and each connection's) business: a missing one is named.
+        let config = with(&amqps, "ca_file = \"missing/ca.crt\"\n");
+        let problems = tls_file_problems(&config);
+        assert!(
+            problems.iter().any(
+                |p| p.key == "amqp.tls.ca_file" && p.message.contains("/etc/cb/missing/ca.crt")
+            ),
+            "{problems:?}"
+        );
+        // Empty values (a chart leaving them blank) count as unset.
+        let config = with(&amqps, "ca_file = \"\"\ncert_file = \"\"\n");
+        assert!(tls_file_problems(&config).is_empty());
+        assert!(validate(config).is_ok());
+    }
+
+    #[test]
+    fn crisp_proxy_and_ca_file_are_checked_without_printing_proxy_passwords() {
+        let with = |crisp: &str| {
+            let toml = OK.replace("key = \"k\"", &format!("key = \"k\"\n{crisp}"));
+            let mut config = from_toml_str(&toml).unwrap();
+            config.resolve_relative_paths(std::path::Path::new("/etc/cb"));
+            validate(config)
+        };
+        assert!(with("proxy = \"\"").is_ok());
+        assert!(with("proxy = \"http://proxy.internal:3128\"").is_ok());
+        let problems = with("proxy = \"proxy:3128:x\"").unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.key == "crisp.proxy"),
+            "{problems:?}"
+        );
+        let problems = with("proxy = \"ftp://user:hunter2@proxy\"").unwrap_err();
+        let text = format!("{problems:?}");
+        assert!(
+            text.contains("crisp.proxy") && !text.contains("hunter2"),
+            "{text}"
+        );
+        let problems = with("ca_file = \"egress-ca.crt\"").unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "crisp.ca_file" && p.message.contains("/etc/cb/egress-ca.crt")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! `FUZZ_SECONDS` (default 3) bounds the fuzzer; `FUZZ_SEED` replays a run. It prints its
 //! executions: `cargo test --lib fuzz_ -- --nocapture`.
 
-use super::{capture, Message, Offline, Outcome, Properties};
+use super::{capture, Message, Offline, Properties, Verdict};
 use crate::decode::{decode, Incoming, MAX_ID_BYTES};
 use crate::outcome::Reason;
 use crate::route::map::{check_people_id, is_data_key, DataBuilder, MAX_TEXT_CHARS};
@@ -291,7 +291,7 @@ fn check_one(offline: &Offline, message: &Message) {
         }
     }
     match offline.evaluate(message) {
-        Outcome::Deliver(m) => {
+        Verdict::Deliver(m) => {
             assert!(!m.event.text.trim().is_empty());
             assert!(m.event.text.chars().count() <= MAX_TEXT_CHARS);
             assert_eq!(check_people_id(&m.people_id), Ok(()));
@@ -300,10 +300,10 @@ fn check_one(offline: &Offline, message: &Message) {
                 assert!(!is_secret_looking(k), "secret-looking key {k:?} sent");
                 assert!(!v.is_object() && !v.is_array() && !v.is_null(), "{k}: {v}");
             }
-            let _ = offline.json_line(1, &Outcome::Deliver(m));
+            let _ = offline.json_line(1, &Verdict::Deliver(m));
         }
-        Outcome::Skip(detail) => assert!(!detail.is_empty()),
-        Outcome::DeadLetter(dl) => {
+        Verdict::Skip(detail) => assert!(!detail.is_empty()),
+        Verdict::DeadLetter(dl) => {
             assert!(!dl.detail.is_empty());
             assert!(
                 dl.detail.len() < 4096,
@@ -351,7 +351,7 @@ fn fuzz_decode_route_map() {
         match result {
             Ok(outcome) => {
                 let code = match &outcome {
-                    Outcome::DeadLetter(dl) => format!("dead_letter:{}", dl.reason.code()),
+                    Verdict::DeadLetter(dl) => format!("dead_letter:{}", dl.reason.code()),
                     other => other.code().to_owned(),
                 };
                 *outcomes.entry(code).or_default() += 1;
@@ -462,9 +462,9 @@ fn plain(body: Vec<u8>) -> Message {
     }
 }
 
-fn reason(outcome: &Outcome) -> Option<Reason> {
+fn reason(outcome: &Verdict) -> Option<Reason> {
     match outcome {
-        Outcome::DeadLetter(dl) => Some(dl.reason),
+        Verdict::DeadLetter(dl) => Some(dl.reason),
         _ => None,
     }
 }
@@ -477,7 +477,7 @@ fn deep_nesting_is_invalid_json_not_a_stack_overflow() {
         body.extend(std::iter::repeat_n(b']', depth));
         let outcome = offline.evaluate(&plain(body.clone()));
         assert_eq!(reason(&outcome), Some(Reason::InvalidJson), "{outcome:?}");
-        if let Outcome::DeadLetter(dl) = outcome {
+        if let Verdict::DeadLetter(dl) = outcome {
             assert!(dl.detail.contains("recursion limit"), "{}", dl.detail);
         }
         let mut deep_object = b"{\"a\":".repeat(depth);
@@ -492,7 +492,7 @@ fn deep_nesting_is_invalid_json_not_a_stack_overflow() {
     let mut ok = b"{\"a\":".repeat(100);
     ok.extend(b"1");
     ok.extend(b"}".repeat(100));
-    assert!(matches!(offline.evaluate(&plain(ok)), Outcome::Skip(_)));
+    assert!(matches!(offline.evaluate(&plain(ok)), Verdict::Skip(_)));
 }
 
 #[test]
@@ -512,7 +512,7 @@ fn large_bodies_huge_numbers_bad_utf8_duplicate_keys_and_huge_ids() {
     assert!(body.len() < 1024 * 1024);
     assert!(matches!(
         offline.evaluate(&plain(body)),
-        Outcome::Deliver(_)
+        Verdict::Deliver(_)
     ));
     // Invalid UTF-8 in a string.
     let bad = b"{\"id\":\"A\xff\",\"status\":\"paid\"}".to_vec();
@@ -530,14 +530,14 @@ fn large_bodies_huge_numbers_bad_utf8_duplicate_keys_and_huge_ids() {
         "9".repeat(300)
     );
     match offline.evaluate(&plain(big_int.into_bytes())) {
-        Outcome::Deliver(m) => assert!(m.event.data["total"].is_f64()),
+        Verdict::Deliver(m) => assert!(m.event.data["total"].is_f64()),
         other => panic!("{other:?}"),
     }
     // Duplicate keys: the last one wins (serde_json), as a schema validator would see it.
     let dup = br#"{"id":"A","status":"pending","status":"paid","email":"a@b.co","amount":{"total":1,"currency":"EUR"}}"#;
     assert!(matches!(
         offline.evaluate(&plain(dup.to_vec())),
-        Outcome::Deliver(_)
+        Verdict::Deliver(_)
     ));
     // A huge message id and a huge CloudEvents id: bounded in the duplicate window.
     let long = "i".repeat(500_000);

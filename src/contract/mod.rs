@@ -1,4 +1,4 @@
-//! Contracts (DESIGN "Contracts"): what the bridge would do with a message, offline — the
+//! Contracts: what the bridge would do with a message, offline — the
 //! same decode → route → map as `run`, without broker or network. `map` (one message or a
 //! capture of JSON lines, [`capture`]) and `test` (TOML test files, [`test_file`]) use it.
 
@@ -9,9 +9,10 @@ pub mod test_file;
 
 use crate::config::{Config, Problem, Unmatched};
 use crate::crisp::encode_segment;
-use crate::decode::{decode, Incoming};
-use crate::outcome::{DeadLetter, Reason};
-use crate::route::{Mapped, Routed, Router};
+use crate::decode::Incoming;
+use crate::outcome::{DeadLetter, Disposition};
+use crate::pipeline::{fate, triage, unmatched_detail, FateSettings, Happened, Triaged};
+use crate::route::{Mapped, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -36,19 +37,19 @@ pub struct Properties {
 
 /// What the bridge would do with one message.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Verdict {
     Deliver(Mapped),
     /// Acked without a Crisp call (no rule matched and `delivery.unmatched = "ack"`).
     Skip(String),
     DeadLetter(DeadLetter),
 }
 
-impl Outcome {
+impl Verdict {
     pub fn code(&self) -> &'static str {
         match self {
-            Outcome::Deliver(_) => "deliver",
-            Outcome::Skip(_) => "skip",
-            Outcome::DeadLetter(_) => "dead_letter",
+            Verdict::Deliver(_) => "deliver",
+            Verdict::Skip(_) => "skip",
+            Verdict::DeadLetter(_) => "dead_letter",
         }
     }
 }
@@ -81,19 +82,9 @@ impl Offline {
         })
     }
 
-    /// decode → route → map, as `run` does before delivering.
-    pub fn evaluate(&self, message: &Message) -> Outcome {
-        let max = self.max_message_bytes;
-        if message.body.len() > max {
-            return Outcome::DeadLetter(DeadLetter::new(
-                Reason::TooLarge,
-                format!(
-                    "body is {} bytes, over amqp.max_message_bytes ({max}); not parsed",
-                    message.body.len()
-                ),
-                None,
-            ));
-        }
+    /// decode → route → map, and the fate of what does not reach Crisp: the very path
+    /// `run` takes before delivering.
+    pub fn evaluate(&self, message: &Message) -> Verdict {
         let p = &message.properties;
         let mut incoming = Incoming::new(&message.body);
         incoming.content_type = p.content_type.as_deref();
@@ -102,35 +93,32 @@ impl Offline {
         for (name, value) in &p.headers {
             incoming.add_header(name, value.clone());
         }
-        let mut event_type = None;
-        let routed = match decode(&incoming) {
-            Ok(decoded) => {
-                let routed = self.router.route_decoded(&message.routing_key, &decoded);
-                event_type = decoded.event_type;
-                routed
-            }
-            Err(dl) => Routed::Invalid(dl),
+        let happened = match triage(
+            &self.router,
+            self.max_message_bytes,
+            &message.routing_key,
+            &incoming,
+        ) {
+            Triaged::Event { mapped, .. } => return Verdict::Deliver(mapped),
+            Triaged::Done(happened) => happened,
         };
-        match routed {
-            Routed::Event(m) => Outcome::Deliver(m),
-            Routed::Invalid(dl) => Outcome::DeadLetter(dl),
-            Routed::Unmatched => {
-                let what = format!(
-                    "no rule matches routing key `{}`{}",
-                    message.routing_key,
-                    event_type
-                        .map(|t| format!(" and type `{}`", t.chars().take(100).collect::<String>()))
-                        .unwrap_or_default()
-                );
-                match self.unmatched {
-                    Unmatched::Ack => {
-                        Outcome::Skip(format!("{what} (delivery.unmatched = \"ack\")"))
-                    }
-                    Unmatched::DeadLetter => {
-                        Outcome::DeadLetter(DeadLetter::new(Reason::Unmatched, what, None))
-                    }
-                }
+        let why = match &happened {
+            Happened::Unmatched {
+                routing_key,
+                event_type,
+            } => unmatched_detail(routing_key, event_type.as_deref()),
+            _ => String::new(),
+        };
+        let settings = FateSettings {
+            unmatched: self.unmatched,
+        };
+        match fate(happened, settings) {
+            Disposition::DeadLetter(dl) => Verdict::DeadLetter(dl),
+            Disposition::Ack { .. } => {
+                Verdict::Skip(format!("{why} (delivery.unmatched = \"ack\")"))
             }
+            // Nothing before a Crisp call is requeued.
+            Disposition::Requeue(_) => Verdict::Skip(format!("{why} (requeued)")),
         }
     }
 
@@ -144,17 +132,17 @@ impl Offline {
         )
     }
 
-    /// The result line of `map --format json` (DESIGN "Contracts").
-    pub fn json_line(&self, line: usize, outcome: &Outcome) -> Value {
+    /// The result line of `map --format json`.
+    pub fn json_line(&self, line: usize, outcome: &Verdict) -> Value {
         let (rule, request, reason, detail) = match outcome {
-            Outcome::Deliver(m) => (
+            Verdict::Deliver(m) => (
                 Some(m.rule.to_string()),
                 Some(json!({"method": "POST", "url": self.url(m), "body": m.event})),
                 None,
                 None,
             ),
-            Outcome::Skip(detail) => (None, None, None, Some(detail.clone())),
-            Outcome::DeadLetter(dl) => (
+            Verdict::Skip(detail) => (None, None, None, Some(detail.clone())),
+            Verdict::DeadLetter(dl) => (
                 dl.rule.clone(),
                 None,
                 Some(dl.reason.code()),
@@ -172,16 +160,16 @@ impl Offline {
     }
 
     /// One readable line for `map --input --format text`.
-    pub fn text_line(&self, line: usize, outcome: &Outcome) -> String {
+    pub fn text_line(&self, line: usize, outcome: &Verdict) -> String {
         match outcome {
-            Outcome::Deliver(m) => format!(
+            Verdict::Deliver(m) => format!(
                 "line {line}: deliver (rule {}) POST {} {}",
                 m.rule,
                 self.url(m),
                 serde_json::to_string(&m.event).unwrap_or_default()
             ),
-            Outcome::Skip(detail) => format!("line {line}: skip: {detail}"),
-            Outcome::DeadLetter(dl) => format!(
+            Verdict::Skip(detail) => format!("line {line}: skip: {detail}"),
+            Verdict::DeadLetter(dl) => format!(
                 "line {line}: dead_letter {}: {}{}",
                 dl.reason.code(),
                 dl.detail,

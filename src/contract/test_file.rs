@@ -11,7 +11,7 @@
 //!            event = { text = "order:created", color = "blue", data = { order_id = "A-1" } } }
 //! ```
 
-use super::{capture::body_bytes, Message, Offline, Outcome, Properties};
+use super::{capture::body_bytes, Message, Offline, Properties, Verdict};
 use crate::route::Mapped;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -137,15 +137,15 @@ pub fn run_file(offline: &Offline, path: &Path) -> Result<Vec<CaseResult>, TestF
     Ok(results)
 }
 
-fn describe(outcome: &Outcome) -> String {
+fn describe(outcome: &Verdict) -> String {
     match outcome {
-        Outcome::Deliver(m) => format!(
+        Verdict::Deliver(m) => format!(
             "deliver (rule `{}`, event {})",
             m.rule,
             serde_json::to_string(&m.event).unwrap_or_default()
         ),
-        Outcome::Skip(detail) => format!("skip ({detail})"),
-        Outcome::DeadLetter(dl) => format!(
+        Verdict::Skip(detail) => format!("skip ({detail})"),
+        Verdict::DeadLetter(dl) => format!(
             "dead_letter {} ({}){}",
             dl.reason.code(),
             dl.detail,
@@ -158,7 +158,7 @@ fn describe(outcome: &Outcome) -> String {
 }
 
 /// `None` when the outcome is what the case expects, else a readable diff.
-fn compare(expect: &Expect, outcome: &Outcome) -> Option<String> {
+fn compare(expect: &Expect, outcome: &Verdict) -> Option<String> {
     let mut diff = String::new();
     let mut line = |what: &str, expected: &dyn std::fmt::Display, got: &dyn std::fmt::Display| {
         let _ = writeln!(diff, "    {what}: expected {expected}, got {got}");
@@ -173,8 +173,8 @@ fn compare(expect: &Expect, outcome: &Outcome) -> Option<String> {
         return Some(diff);
     }
     match outcome {
-        Outcome::Deliver(m) => compare_delivery(expect, m, &mut line),
-        Outcome::DeadLetter(dl) => {
+        Verdict::Deliver(m) => compare_delivery(expect, m, &mut line),
+        Verdict::DeadLetter(dl) => {
             if let Some(reason) = &expect.reason {
                 if reason != dl.reason.code() {
                     line(
@@ -190,7 +190,7 @@ fn compare(expect: &Expect, outcome: &Outcome) -> Option<String> {
                 }
             }
         }
-        Outcome::Skip(_) => {}
+        Verdict::Skip(_) => {}
     }
     (!diff.is_empty()).then_some(diff)
 }

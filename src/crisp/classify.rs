@@ -1,5 +1,5 @@
 //! Every Crisp answer, sorted into what the pipeline must do about it
-//! (the DESIGN "What happens to a message" table).
+//! (`docs/contract.md`, "What happens to a message").
 
 use std::time::{Duration, SystemTime};
 

@@ -113,7 +113,7 @@ pub struct CrispClient {
     http: reqwest::Client,
     website_url: String,
     /// `{website_url}/people/events/`, parsed once: parsing the whole URL (scheme, host,
-    /// IDNA) for every event was a visible part of the CPU per message (issue 10).
+    /// IDNA) for every event was a visible part of the CPU per message.
     /// `None` when it does not parse; then each request parses, and fails, as before.
     events_url: Option<reqwest::Url>,
     credentials: Arc<Credentials>,
@@ -127,13 +127,38 @@ impl CrispClient {
             "X-Crisp-Tier",
             HeaderValue::from_static(config.tier.as_str()),
         );
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             // Crisp never redirects; following one would turn a POST into a GET counted
             // as delivered, or carry the event and the email to another host.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
-            .timeout(config.timeout)
+            .timeout(config.timeout);
+        if let Some(path) = config
+            .ca_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            let pem = crate::broker::tls::read_ca_bundle("crisp.ca_file", path)
+                .map_err(|e| e.to_string())?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                format!(
+                    "crisp.ca_file {}: not a PEM bundle reqwest accepts: {e}",
+                    path.display()
+                )
+            })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        // Empty: reqwest reads HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY itself.
+        if !config.proxy.is_blank() {
+            let proxy = reqwest::Proxy::all(config.proxy.expose())
+                .map_err(|_| {
+                    "crisp.proxy is not a proxy URL like http://proxy:3128 (not shown: it may hold a password)".to_owned()
+                })?
+                .no_proxy(reqwest::NoProxy::from_env());
+            builder = builder.proxy(proxy);
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let website = config.website_id.as_deref().unwrap_or_default();

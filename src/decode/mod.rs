@@ -101,7 +101,7 @@ pub fn decode(incoming: &Incoming<'_>) -> Result<Decoded, DeadLetter> {
 }
 
 /// An id as the duplicate window keeps it: itself when short, else a 128-bit hash of it.
-pub fn bounded_id(id: &str) -> String {
+pub(crate) fn bounded_id(id: &str) -> String {
     if id.len() <= MAX_ID_BYTES {
         return id.to_owned();
     }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 /// Upper bound on remembered messages, whatever the window: memory stays bounded. An
 /// entry is 16 bytes in the ring plus about 5 in the index (4-byte position, control
-/// byte, load factor): about 2.2 MB when full (issue 10: the window at its cap).
+/// byte, load factor): about 2.2 MB when full (the window at its cap).
 const MAX_IDS: usize = 100_000;
 
 /// A remembered message: both hashes must match, so a false match needs a 64-bit and a
@@ -111,7 +111,7 @@ pub struct Dedup {
     enabled: bool,
     started: Instant,
     /// foldhash (quality), seeded per process: hashing every id and body with SipHash
-    /// was a visible share of the CPU per message (issue 10).
+    /// was a visible share of the CPU per message.
     hasher: RandomState,
     inner: Mutex<Recent>,
 }

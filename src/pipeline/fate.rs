@@ -1,5 +1,5 @@
 //! A message's fate, decided in one place from what happened to it: the rows of the
-//! DESIGN "What happens to a message" table, as one pure function.
+//! "What happens to a message" table of `docs/contract.md`, as one pure function.
 
 use crate::config::Unmatched;
 use crate::outcome::{DeadLetter, Disposition, Reason, RequeueKind};
@@ -14,8 +14,11 @@ pub enum Happened {
     /// Not JSON, not an object, too large, no people id, invalid email, empty text,
     /// a missing template value, a schema violation: it can never succeed.
     Invalid(DeadLetter),
-    /// No rule matches the routing key.
-    Unmatched { routing_key: String },
+    /// No rule matches the routing key (and event type, when the message has one).
+    Unmatched {
+        routing_key: String,
+        event_type: Option<String>,
+    },
     /// Crisp 400/413, or 422 with an invalid-input reason.
     CrispRejected { detail: String, rule: String },
     /// Crisp 404 `people_not_found`, and no profile could be created.
@@ -47,11 +50,14 @@ pub fn fate(happened: Happened, settings: FateSettings) -> Disposition {
         Happened::Delivered => Disposition::Ack { delivered: true },
         Happened::Duplicate => Disposition::Ack { delivered: false },
         Happened::Invalid(dl) => Disposition::DeadLetter(dl),
-        Happened::Unmatched { routing_key } => match settings.unmatched {
+        Happened::Unmatched {
+            routing_key,
+            event_type,
+        } => match settings.unmatched {
             Unmatched::Ack => Disposition::Ack { delivered: false },
             Unmatched::DeadLetter => Disposition::DeadLetter(DeadLetter::new(
                 Reason::Unmatched,
-                format!("no rule matches routing key `{routing_key}`"),
+                unmatched_detail(&routing_key, event_type.as_deref()),
                 None,
             )),
         },
@@ -73,6 +79,16 @@ pub fn fate(happened: Happened, settings: FateSettings) -> Disposition {
         // counting it bounds the loop by the queue's delivery limit.
         Happened::DeadLetterUnconfirmed => Disposition::Requeue(RequeueKind::RetriesExhausted),
     }
+}
+
+/// Why no rule took a message, in a sentence.
+pub fn unmatched_detail(routing_key: &str, event_type: Option<&str>) -> String {
+    format!(
+        "no rule matches routing key `{routing_key}`{}",
+        event_type
+            .map(|t| format!(" and type `{}`", t.chars().take(100).collect::<String>()))
+            .unwrap_or_default()
+    )
 }
 
 #[cfg(test)]
@@ -114,6 +130,7 @@ mod tests {
                 "no rule matches, unmatched = ack",
                 Happened::Unmatched {
                     routing_key: "a.b".into(),
+                    event_type: None,
                 },
                 ACK,
                 Disposition::Ack { delivered: false },
@@ -167,10 +184,18 @@ mod tests {
         let unmatched = fate(
             Happened::Unmatched {
                 routing_key: "a.b".into(),
+                event_type: Some("com.example.x".into()),
             },
             DEAD,
         );
         assert_eq!(reason(&unmatched), Some(Reason::Unmatched));
+        match unmatched {
+            Disposition::DeadLetter(dl) => assert_eq!(
+                dl.detail,
+                "no rule matches routing key `a.b` and type `com.example.x`"
+            ),
+            other => panic!("{other:?}"),
+        }
         let rejected = fate(
             Happened::CrispRejected {
                 detail: "400".into(),

@@ -63,11 +63,23 @@ enum Hold {
     Refused,
 }
 
+/// The Crisp route a request goes to: a hold ends only on an answer from the route
+/// that failed (events answering proves nothing about profile creation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrispRoute {
+    Events,
+    Profiles,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
     Open,
     Closed {
         why: Hold,
+        route: CrispRoute,
+        /// Tells this hold from a later one: a trial of an earlier hold answered late
+        /// must not count for (or free the trial of) this one.
+        generation: u64,
         /// When the next trial may start.
         trial_at: Instant,
         /// A trial request is out; no other starts until it is answered.
@@ -84,6 +96,40 @@ struct Published {
     gate: Gate,
     throttled: bool,
     dead_letters_blocked: bool,
+    /// Dead letters waiting for a queue to take their copy.
+    blocked_copies: usize,
+}
+
+/// One dead letter waiting for a queue to take its copy. When the last one stops
+/// waiting (taken, handed back, stopping) without a copy taken, the block ends: a
+/// block with nobody left to lift it would stall the pod for good.
+pub struct DeadLetterBlock<'a> {
+    flow: &'a Flow,
+    began: bool,
+}
+
+impl DeadLetterBlock<'_> {
+    /// This copy began the block (so one log line says so).
+    pub fn began(&self) -> bool {
+        self.began
+    }
+}
+
+impl Drop for DeadLetterBlock<'_> {
+    fn drop(&mut self) {
+        let mut ended = false;
+        self.flow.published.send_if_modified(|p| {
+            p.blocked_copies = p.blocked_copies.saturating_sub(1);
+            if p.blocked_copies == 0 && p.dead_letters_blocked {
+                p.dead_letters_blocked = false;
+                ended = true;
+            }
+            ended
+        });
+        if ended {
+            metrics::dead_letters_blocked(false);
+        }
+    }
 }
 
 impl Published {
@@ -139,21 +185,29 @@ pub struct Permit<'a> {
     flow: &'a Flow,
     _slot: Slot<'a>,
     sent_at: Instant,
-    trial: bool,
+    /// The hold generation this is the trial of.
+    trial: Option<u64>,
+    route: CrispRoute,
     answered: bool,
 }
 
 impl Permit<'_> {
     /// This request is a hold's trial.
     pub fn is_trial(&self) -> bool {
-        self.trial
+        self.trial.is_some()
+    }
+
+    /// The request goes to `route` (events unless said otherwise).
+    pub fn for_route(mut self, route: CrispRoute) -> Self {
+        self.route = route;
+        self
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if self.trial && !self.answered {
-            self.flow.trial_failed();
+        if let (Some(generation), false) = (self.trial, self.answered) {
+            self.flow.trial_failed(generation);
         }
     }
 }
@@ -197,6 +251,8 @@ pub struct Flow {
     settings: Settings,
     published: watch::Sender<Published>,
     reopened: Mutex<Option<Reopened>>,
+    /// Holds so far: each gets the next number.
+    generation: AtomicU64,
     limit: AdaptiveLimit,
     pacing: Mutex<Pacing>,
     accepted: AtomicU64,
@@ -212,8 +268,8 @@ impl Flow {
                     jitter: Jitter::Full,
                 },
                 trials: Backoff {
-                    initial: d.initial_backoff.max(TRIAL_INITIAL),
-                    max: TRIAL_MAX.max(d.max_backoff),
+                    initial: d.initial_backoff.clamp(TRIAL_INITIAL, TRIAL_MAX),
+                    max: TRIAL_MAX,
                     jitter: Jitter::Equal,
                 },
                 max_backoff: d.max_backoff,
@@ -223,8 +279,10 @@ impl Flow {
                 gate: Gate::Open,
                 throttled: false,
                 dead_letters_blocked: false,
+                blocked_copies: 0,
             }),
             reopened: Mutex::new(None),
+            generation: AtomicU64::new(0),
             limit: AdaptiveLimit::new(d.concurrency),
             pacing: Mutex::new(Pacing::new(d.max_requests_per_second)),
             accepted: AtomicU64::new(0),
@@ -267,7 +325,7 @@ impl Flow {
         let deadline = budget.hand_back_at;
         loop {
             let trial = self.gate(deadline, stopping).await?;
-            if !trial {
+            if trial.is_none() {
                 let paused = {
                     let pacing = self.lock();
                     pacing
@@ -279,7 +337,11 @@ impl Flow {
                 if !paused.is_zero()
                     && budget.started.elapsed() + paused > self.settings.max_retry_time
                 {
-                    self.close(Hold::Quota, Some(Instant::now() + paused));
+                    self.close(
+                        Hold::Quota,
+                        CrispRoute::Events,
+                        Some(Instant::now() + paused),
+                    );
                     continue;
                 }
             }
@@ -292,10 +354,19 @@ impl Flow {
                     _ = stopping.cancelled() => return self.give_up(trial),
                     _ = tokio::time::sleep_until(deadline) => return self.give_up(trial),
                     // A hold began while this waited: wait at the gate instead.
-                    _ = self.closed(), if !trial => continue,
+                    _ = self.closed(), if trial.is_none() => continue,
                 },
             };
-            let sent_at = if trial {
+            let sent_at = if trial.is_some() {
+                // A trial skips pacing, but not Crisp's own pause.
+                let paused_until = self.lock().paused_until;
+                if paused_until > Instant::now() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(paused_until) => {}
+                        _ = stopping.cancelled() => return self.give_up(trial),
+                        _ = tokio::time::sleep_until(deadline) => return self.give_up(trial),
+                    }
+                }
                 Instant::now()
             } else {
                 let mut waited = false;
@@ -327,9 +398,10 @@ impl Flow {
                 _slot: slot,
                 sent_at,
                 trial,
+                route: CrispRoute::Events,
                 answered: false,
             };
-            let throttled = self.lock().learned.is_some();
+            let throttled = self.lock().throttled();
             // Read first: the write lock is only needed when it changes, which is rare.
             if self.published.borrow().throttled != throttled {
                 self.published.send_if_modified(|p| {
@@ -342,33 +414,41 @@ impl Flow {
         }
     }
 
-    /// Waits until requests may be sent (`false`) or this caller holds the hold's trial
-    /// (`true`).
-    async fn gate(&self, deadline: Instant, stopping: &CancellationToken) -> Result<bool, NotNow> {
+    /// Waits until requests may be sent (`None`) or this caller holds the trial of the
+    /// hold of that generation.
+    async fn gate(
+        &self,
+        deadline: Instant,
+        stopping: &CancellationToken,
+    ) -> Result<Option<u64>, NotNow> {
         if self.state().is_sending() {
-            return Ok(false);
+            return Ok(None);
         }
         let mut rx = self.published.subscribe();
         loop {
             let published = *rx.borrow_and_update();
             let now = Instant::now();
+            if now >= deadline || stopping.is_cancelled() {
+                return Err(NotNow);
+            }
             let trial_at = match published.gate {
                 _ if published.dead_letters_blocked => None,
-                Gate::Open => return Ok(false),
+                Gate::Open => return Ok(None),
                 Gate::Closed {
                     trial_out: true, ..
                 } => None,
-                Gate::Closed { trial_at, .. } if trial_at <= now => {
-                    if self.take_trial(now) {
-                        return Ok(true);
+                Gate::Closed {
+                    trial_at,
+                    generation,
+                    ..
+                } if trial_at <= now => {
+                    if self.take_trial(now, generation) {
+                        return Ok(Some(generation));
                     }
                     continue;
                 }
                 Gate::Closed { trial_at, .. } => Some(trial_at),
             };
-            if now >= deadline {
-                return Err(NotNow);
-            }
             let trial_due = async {
                 match trial_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -386,29 +466,39 @@ impl Flow {
 
     /// Lets go of a trial taken for a message that will not be sent after all (stopping,
     /// handed back): another waiting message takes it, at once.
-    fn give_up<T>(&self, trial: bool) -> Result<T, NotNow> {
-        if trial {
-            self.published.send_if_modified(|p| match &mut p.gate {
-                Gate::Closed { trial_out, .. } if *trial_out => {
-                    *trial_out = false;
-                    true
-                }
-                _ => false,
-            });
+    fn give_up<T>(&self, trial: Option<u64>) -> Result<T, NotNow> {
+        if let Some(generation) = trial {
+            self.release_trial(generation);
         }
         Err(NotNow)
     }
 
-    fn take_trial(&self, now: Instant) -> bool {
+    /// The trial of hold `of` is free again, without counting as failed.
+    fn release_trial(&self, of: u64) {
+        self.published.send_if_modified(|p| match &mut p.gate {
+            Gate::Closed {
+                trial_out,
+                generation,
+                ..
+            } if *trial_out && *generation == of => {
+                *trial_out = false;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    fn take_trial(&self, now: Instant, of: u64) -> bool {
         let mut taken = false;
         self.published.send_if_modified(|p| {
             if let Gate::Closed {
                 trial_at,
                 trial_out,
+                generation,
                 ..
             } = &mut p.gate
             {
-                if !*trial_out && *trial_at <= now && !p.dead_letters_blocked {
+                if !*trial_out && *trial_at <= now && *generation == of && !p.dead_letters_blocked {
                     *trial_out = true;
                     taken = true;
                 }
@@ -418,8 +508,8 @@ impl Flow {
         taken
     }
 
-    /// A trial went unanswered or failed: the next waits longer.
-    fn trial_failed(&self) {
+    /// A trial of hold `of` went unanswered or failed: the next waits longer.
+    fn trial_failed(&self, of: u64) {
         let trials = self.settings.trials;
         let mut next = None;
         self.published.send_if_modified(|p| match &mut p.gate {
@@ -427,8 +517,9 @@ impl Flow {
                 trial_at,
                 trial_out,
                 failed_trials,
+                generation,
                 ..
-            } if *trial_out => {
+            } if *trial_out && *generation == of => {
                 *trial_out = false;
                 *failed_trials = failed_trials.saturating_add(1);
                 let wait = trials.delay(*failed_trials);
@@ -448,7 +539,7 @@ impl Flow {
 
     /// Closes the gate for `why` (or raises its reason); the first trial waits at least
     /// until `not_before`. True when this call closed it or raised its reason.
-    fn close(&self, why: Hold, not_before: Option<Instant>) -> bool {
+    fn close(&self, why: Hold, route: CrispRoute, not_before: Option<Instant>) -> bool {
         let now = Instant::now();
         // A hold that comes back soon after the last one ended goes on from there.
         let carried = self
@@ -458,6 +549,7 @@ impl Flow {
             .filter(|r| now.duration_since(r.at) < TRIAL_MAX)
             .map_or(0, |r| r.failed_trials.saturating_add(1));
         let first_wait = self.settings.trials.delay(carried);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut closed = false;
         let mut raised = false;
         self.published.send_if_modified(|p| match &mut p.gate {
@@ -465,6 +557,8 @@ impl Flow {
                 let at = now + first_wait;
                 p.gate = Gate::Closed {
                     why,
+                    route,
+                    generation,
                     trial_at: not_before.map_or(at, |n| n.max(at)),
                     trial_out: false,
                     failed_trials: carried,
@@ -474,12 +568,14 @@ impl Flow {
             }
             Gate::Closed {
                 why: current,
+                route: current_route,
                 trial_at,
                 ..
             } => {
                 let mut changed = false;
                 if why > *current {
                     *current = why;
+                    *current_route = route;
                     raised = true;
                     changed = true;
                 }
@@ -491,35 +587,61 @@ impl Flow {
             }
         });
         if closed || raised {
-            metrics::crisp_refused(self.state() == FlowState::Refused);
-            metrics::crisp_outage(self.state() == FlowState::Outage);
-            metrics::holding(matches!(self.state(), FlowState::Held { .. }));
+            self.export_hold();
         }
         closed || raised
     }
 
-    /// Crisp answered a request: a hold ends (this was its trial, or a request sent
-    /// before it began got through).
-    fn reopen(&self) {
+    /// The hold gauges, from the gate itself (a block of dead letters, which outranks
+    /// it in [`FlowState`], must not hide it).
+    fn export_hold(&self) {
+        let why = match self.published.borrow().gate {
+            Gate::Closed { why, .. } => Some(why),
+            Gate::Open => None,
+        };
+        metrics::crisp_refused(why == Some(Hold::Refused));
+        metrics::crisp_outage(why == Some(Hold::Outage));
+        metrics::holding(why == Some(Hold::Quota));
+    }
+
+    /// Crisp answered `permit`'s request: a hold on that route ends (this was its
+    /// trial, or a request sent before it began got through). A trial answered on
+    /// another route proves nothing: its turn goes to the next waiting message at once.
+    fn answered_on(&self, permit: &mut Permit<'_>) {
+        permit.answered = true;
+        let gate = self.published.borrow().gate;
+        let Gate::Closed {
+            route, generation, ..
+        } = gate
+        else {
+            return;
+        };
+        if route != permit.route {
+            if permit.trial == Some(generation) {
+                self.release_trial(generation);
+            }
+            return;
+        }
         let mut reopened = None;
         self.published.send_if_modified(|p| match p.gate {
             Gate::Closed {
-                why, failed_trials, ..
-            } => {
+                why,
+                failed_trials,
+                route,
+                ..
+            } if route == permit.route => {
                 p.gate = Gate::Open;
                 reopened = Some((why, failed_trials));
                 true
             }
-            Gate::Open => false,
+            _ => false,
         });
         if let Some((why, failed_trials)) = reopened {
             *self.reopened.lock().unwrap_or_else(|p| p.into_inner()) = Some(Reopened {
                 at: Instant::now(),
                 failed_trials,
             });
-            metrics::crisp_refused(false);
-            metrics::crisp_outage(false);
-            metrics::holding(false);
+            self.export_hold();
             let was = match why {
                 Hold::Refused => "refused us",
                 Hold::Outage => "kept failing",
@@ -534,31 +656,23 @@ impl Flow {
 
     /// Crisp accepted a request.
     pub fn succeeded(&self, mut permit: Permit<'_>) {
-        permit.answered = true;
         self.limit.on_success();
         self.accepted.fetch_add(1, Ordering::Relaxed);
         self.lock().accepted.push(Instant::now());
-        drop(permit);
-        if !self.published.borrow().state().is_sending() {
-            self.reopen();
-        }
+        self.answered_on(&mut permit);
     }
 
     /// Crisp answered with the message's own fault (400, `people_not_found`): it is up
-    /// and takes our credentials, so a hold ends.
+    /// and takes our credentials on that route, so a hold there ends.
     pub fn answered(&self, mut permit: Permit<'_>) {
-        permit.answered = true;
-        drop(permit);
-        if !self.published.borrow().state().is_sending() {
-            self.reopen();
-        }
+        self.answered_on(&mut permit);
     }
 
     /// Crisp refuses us (a 401/403, another 4xx that is not the message's fault, a
-    /// redirect): closes the gate until a trial gets through; true when this call
-    /// closed it (so only one log line is written).
-    pub fn refused(&self, permit: Option<Permit<'_>>) -> bool {
-        let closed = self.close(Hold::Refused, None);
+    /// redirect) on `permit`'s route: closes the gate until a trial gets through; true
+    /// when this call closed it or made it a refusal (so only one log line is written).
+    pub fn refused(&self, permit: Permit<'_>) -> bool {
+        let closed = self.close(Hold::Refused, permit.route, None);
         drop(permit);
         closed
     }
@@ -594,12 +708,13 @@ impl Flow {
             // Slow or failing answers: fewer requests in flight.
             self.limit.on_overload();
         }
-        let trial = permit.trial;
+        let trial = permit.is_trial();
+        let route = permit.route;
         // A failed trial reschedules the next one.
         drop(permit);
         if trial {
             if rate_limited && error.retry_after.is_some() {
-                self.close(Hold::Quota, Some(now + wait));
+                self.close(Hold::Quota, route, Some(now + wait));
             }
             return Retry::Hold;
         }
@@ -614,14 +729,14 @@ impl Flow {
             // Crisp keeps saying "not now" (a spent quota): hold, so one trial at a
             // time asks instead of every message cycling.
             let hold = wait.max(s.max_backoff);
-            if self.close(Hold::Quota, Some(now + hold)) {
+            if self.close(Hold::Quota, route, Some(now + hold)) {
                 tracing::warn!(hold_s = hold.as_secs(), error = %error, "Crisp keeps rate limiting us; holding (messages wait with the pod, one trial at a time)");
             }
             return Retry::Hold;
         }
         if self.accepted.load(Ordering::Relaxed) == budget.accepted_before {
             // Nothing got through for anyone all this time: Crisp is down.
-            if self.close(Hold::Outage, None) {
+            if self.close(Hold::Outage, route, None) {
                 tracing::warn!(error = %error, "Crisp keeps failing; holding until a trial request gets through (messages wait with the pod, nothing is dead-lettered)");
             }
             return Retry::Hold;
@@ -629,22 +744,29 @@ impl Flow {
         Retry::Exhausted
     }
 
-    /// A dead-letter copy found no queue: nothing is sent until one is taken; true when
-    /// this call blocked them.
-    pub fn block_dead_letters(&self) -> bool {
-        let blocked = self.published.send_if_modified(|p| {
-            let change = !p.dead_letters_blocked;
-            p.dead_letters_blocked = true;
-            change
+    /// A dead-letter copy found no queue: nothing is sent until one is taken, or until
+    /// no blocked copy waits any more (the returned `DeadLetterBlock` is one waiting).
+    pub fn block_dead_letters(&self) -> DeadLetterBlock<'_> {
+        let mut began = false;
+        self.published.send_if_modified(|p| {
+            p.blocked_copies += 1;
+            if !p.dead_letters_blocked {
+                p.dead_letters_blocked = true;
+                began = true;
+            }
+            began
         });
-        if blocked {
+        if began {
             metrics::dead_letters_blocked(true);
         }
-        blocked
+        DeadLetterBlock { flow: self, began }
     }
 
-    /// A dead-letter copy was taken by a queue again.
+    /// A dead-letter copy was taken by a queue: the block ends; true when it was on.
     pub fn unblock_dead_letters(&self) -> bool {
+        if !self.published.borrow().dead_letters_blocked {
+            return false;
+        }
         let unblocked = self.published.send_if_modified(|p| {
             let change = p.dead_letters_blocked;
             p.dead_letters_blocked = false;
@@ -664,6 +786,26 @@ impl Flow {
     #[cfg(test)]
     fn rate(&self) -> Option<f64> {
         self.lock().rate()
+    }
+
+    /// Opens the gate as an answer to a request sent before the hold would.
+    #[cfg(test)]
+    fn reopen_for_test(&self) {
+        let p = Permit {
+            flow: self,
+            _slot: self.limit.try_acquire().expect("a free slot"),
+            sent_at: Instant::now(),
+            trial: None,
+            route: CrispRoute::Events,
+            answered: false,
+        };
+        self.answered(p);
+    }
+
+    /// Closes the gate as a refused event POST would.
+    #[cfg(test)]
+    fn refuse_events(&self) -> bool {
+        self.close(Hold::Refused, CrispRoute::Events, None)
     }
 }
 
@@ -824,7 +966,8 @@ mod tests {
             Retry::Hold
         );
         assert_eq!(flow.state(), FlowState::Outage);
-        assert!(flow.refused(None), "a refusal outranks an outage");
+        let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(flow.refused(p), "a refusal outranks an outage");
         assert_eq!(flow.state(), FlowState::Refused);
         let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
         assert!(p.is_trial());
@@ -836,7 +979,7 @@ mod tests {
     async fn one_trial_at_a_time_with_waits_that_grow_to_the_cap() {
         let flow = std::sync::Arc::new(Flow::new(&config(0.0)));
         let stop = CancellationToken::new();
-        assert!(flow.refused(None));
+        assert!(flow.refuse_events());
         // Five held messages wait at the gate; each trial that fails lets the next go.
         let trials = std::sync::Arc::new(Mutex::new(Vec::new()));
         let mut waiting = Vec::new();
@@ -857,7 +1000,7 @@ mod tests {
                     // Crisp answers the trial after 10 ms.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     if n < 9 {
-                        assert!(!flow.refused(Some(p)), "already refused");
+                        assert!(!flow.refused(p), "already refused");
                     } else {
                         flow.succeeded(p);
                         return;
@@ -888,16 +1031,16 @@ mod tests {
     async fn a_hold_soon_after_the_last_goes_on_from_its_wait() {
         let flow = Flow::new(&config(0.0));
         let stop = CancellationToken::new();
-        assert!(flow.refused(None));
+        assert!(flow.refuse_events());
         for _ in 0..4 {
             let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
             assert!(p.is_trial());
-            flow.refused(Some(p));
+            flow.refused(p);
         }
         let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
         flow.succeeded(p);
         // Refused again at once: the first trial waits as long as the fifth would have.
-        assert!(flow.refused(None));
+        assert!(flow.refuse_events());
         let start = Instant::now();
         let p = flow.permit(&flow.budget(far()), &stop).await.unwrap();
         assert!(p.is_trial());
@@ -913,7 +1056,7 @@ mod tests {
     async fn waiting_at_the_gate_ends_at_the_hand_back_time() {
         let flow = Flow::new(&config(0.0));
         let stop = CancellationToken::new();
-        assert!(flow.refused(None));
+        assert!(flow.refuse_events());
         let start = Instant::now();
         let budget = flow.budget(start + Duration::from_millis(200));
         assert!(flow.permit(&budget, &stop).await.is_err());
@@ -963,7 +1106,8 @@ mod tests {
     async fn blocked_dead_letters_stop_every_request() {
         let flow = Flow::new(&config(0.0));
         let stop = CancellationToken::new();
-        assert!(flow.block_dead_letters());
+        let block = flow.block_dead_letters();
+        assert!(block.began());
         assert_eq!(flow.state(), FlowState::DeadLettersBlocked);
         let budget = flow.budget(Instant::now() + Duration::from_secs(5));
         assert!(
@@ -972,5 +1116,77 @@ mod tests {
         );
         assert!(flow.unblock_dead_letters());
         assert!(flow.permit(&flow.budget(far()), &stop).await.is_ok());
+        drop(block);
+        // The last blocked copy that stops waiting ends a block nobody else can lift.
+        let (a, b) = (flow.block_dead_letters(), flow.block_dead_letters());
+        assert!(a.began() && !b.began());
+        drop(a);
+        assert_eq!(flow.state(), FlowState::DeadLettersBlocked);
+        drop(b);
+        assert!(flow.state().is_sending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_trial_of_an_earlier_hold_counts_for_nothing() {
+        let flow = Flow::new(&config(0.0));
+        let stop = CancellationToken::new();
+        assert!(flow.refuse_events());
+        let old_trial = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(old_trial.is_trial());
+        // A request sent before the hold got through: the hold ends; another begins.
+        flow.reopen_for_test();
+        assert!(flow.refuse_events());
+        let trial = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(trial.is_trial());
+        // The first hold's trial fails late: the second's trial is still out, alone.
+        drop(old_trial);
+        let waiting = flow.budget(Instant::now() + Duration::from_secs(40));
+        assert!(
+            flow.permit(&waiting, &stop).await.is_err(),
+            "a second trial went out while one was"
+        );
+        drop(trial);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_ends_only_on_its_own_route() {
+        let flow = Flow::new(&config(0.0));
+        let stop = CancellationToken::new();
+        let p = flow
+            .permit(&flow.budget(far()), &stop)
+            .await
+            .unwrap()
+            .for_route(CrispRoute::Profiles);
+        assert!(flow.refused(p));
+        // An event answered as a trial: the hold goes on, and the trial passes on at once.
+        let t = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(t.is_trial());
+        let at = Instant::now();
+        flow.answered(t);
+        assert_eq!(flow.state(), FlowState::Refused);
+        let t = flow.permit(&flow.budget(far()), &stop).await.unwrap();
+        assert!(t.is_trial());
+        assert_eq!(Instant::now(), at, "the turn passed on without a wait");
+        flow.succeeded(t.for_route(CrispRoute::Profiles));
+        assert!(flow.state().is_sending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cold_start_ramps_up_instead_of_bursting() {
+        let flow = Flow::new(&config(0.0));
+        // Against a limit of 50 in any second, from the very first request: the slow
+        // start finds it with a handful of refusals, not a burst of them.
+        let (ok, refused) = run(&flow, Some(50), 10).await;
+        assert!(
+            refused <= 8,
+            "{refused} refused of {} in the first 10 s",
+            ok + refused
+        );
+        assert!(ok >= 430, "{ok} accepted in 10 s");
+        eprintln!("cold start against 50/s: {ok} accepted, {refused} refused in 10 s");
+        // Without a limit the ramp to this loop's 1,000/s takes under a second.
+        let flow = Flow::new(&config(0.0));
+        let (ok, _) = run(&flow, None, 2).await;
+        assert!(ok > 1400, "{ok} of at most 2,000");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 #[derive(Debug)]
 pub struct Lanes<J> {
     /// foldhash, seeded per process: SipHash here was a visible share of the CPU per
-    /// message (issue 10), and a collision only makes two people share a lane.
+    /// message, and a collision only makes two people share a lane.
     hasher: RandomState,
     queued: Mutex<HashMap<u64, VecDeque<J>, RandomState>>,
 }

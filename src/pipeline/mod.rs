@@ -8,19 +8,21 @@ mod flow;
 mod lanes;
 mod limit;
 mod pacing;
+mod triage;
 
 pub use backoff::{Backoff, Jitter};
-pub use fate::{fate, FateSettings, Happened};
-pub use flow::{Flow, FlowState};
+pub use fate::{fate, unmatched_detail, FateSettings, Happened};
+pub use flow::{CrispRoute, Flow, FlowState};
+pub use triage::{triage, Triaged};
 
 use crate::broker::acks::Acks;
 use crate::broker::settle::{settle, Settled, Settlement};
 use crate::config::{AmqpConfig, DeliveryConfig};
 use crate::crisp::{CrispClient, Failure};
-use crate::decode::{decode, Incoming};
-use crate::outcome::{mask_people_id, DeadLetter, Disposition, Reason};
-use crate::route::{Mapped, Routed, Router};
-use crate::telemetry::metrics::{self, Outcome, NO_RULE};
+use crate::decode::Incoming;
+use crate::outcome::{mask_people_id, Disposition};
+use crate::route::{Mapped, Router};
+use crate::telemetry::metrics::{self, MessageOutcome, NO_RULE};
 use dedup::Dedup;
 use flow::Retry;
 use futures_util::FutureExt;
@@ -119,6 +121,11 @@ impl Pipeline {
         &self.router
     }
 
+    /// Cancelled when the pipeline stops taking work.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
+    }
+
     /// The flow's state, for readiness (only the flow writes it).
     pub fn flow(&self) -> Arc<Flow> {
         Arc::clone(&self.flow)
@@ -129,50 +136,21 @@ impl Pipeline {
     pub fn handle(self: &Arc<Self>, acks: Arc<Acks>, delivery: Delivery) {
         acks.received(delivery.delivery_tag);
         let hand_back_at = Instant::now() + self.settings.hand_back_after;
-        let max = self.settings.max_message_bytes;
-        let mut id = None;
-        let decision = if delivery.data.len() > max {
-            Routed::Invalid(DeadLetter::new(
-                Reason::TooLarge,
-                format!(
-                    "body is {} bytes, over amqp.max_message_bytes ({max}); not parsed",
-                    delivery.data.len()
-                ),
-                None,
-            ))
-        } else {
-            match decode(&Incoming::from_delivery(&delivery)) {
-                Ok(decoded) => {
-                    id.clone_from(&decoded.id);
-                    self.router
-                        .route_decoded(delivery.routing_key.as_str(), &decoded)
+        let triaged = triage(
+            &self.router,
+            self.settings.max_message_bytes,
+            delivery.routing_key.as_str(),
+            &Incoming::from_delivery(&delivery),
+        );
+        let (mapped, id) = match triaged {
+            Triaged::Event { mapped, id } => (mapped, id),
+            Triaged::Done(happened) => {
+                let rule = match &happened {
+                    Happened::Invalid(dl) => dl.rule.clone(),
+                    _ => None,
                 }
-                Err(dl) => Routed::Invalid(dl),
-            }
-        };
-        let mapped = match decision {
-            Routed::Event(mapped) => mapped,
-            Routed::Unmatched => {
-                let happened = Happened::Unmatched {
-                    routing_key: delivery.routing_key.to_string(),
-                };
-                return self.settle_in_background(
-                    acks,
-                    delivery,
-                    NO_RULE.into(),
-                    happened,
-                    hand_back_at,
-                );
-            }
-            Routed::Invalid(dl) => {
-                let rule = dl.rule.clone().unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(
-                    acks,
-                    delivery,
-                    rule,
-                    Happened::Invalid(dl),
-                    hand_back_at,
-                );
+                .unwrap_or_else(|| NO_RULE.into());
+                return self.settle_in_background(acks, delivery, rule, happened, hand_back_at);
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
@@ -215,15 +193,22 @@ impl Pipeline {
             let happened = contain_panic(self.run_job(&job), &job.mapped.rule).await;
             // Taken off the lane before the message goes back: its redelivery may arrive
             // at once and must not queue behind the later ones.
-            let later = self.goes_back(&happened).then(|| self.lanes.close(key));
-            self.finish(
-                &job.acks,
-                &job.delivery,
-                &job.mapped.rule,
-                happened,
-                job.hand_back_at,
-            )
-            .await;
+            // (A message of that person delivered after this point is not held by us
+            // and may overtake it; a single active consumer keeps even that in order.)
+            let mut later = self.goes_back(&happened).then(|| self.lanes.close(key));
+            let requeued = self
+                .finish(
+                    &job.acks,
+                    &job.delivery,
+                    &job.mapped.rule,
+                    happened,
+                    job.hand_back_at,
+                )
+                .await;
+            if requeued && later.is_none() {
+                // A dead letter that could not be published went back after all.
+                later = Some(self.lanes.close(key));
+            }
             if let Some(later) = later {
                 for job in later {
                     self.finish(
@@ -270,7 +255,7 @@ impl Pipeline {
             tracing::info!(rule = %job.mapped.rule, "this message (same message_id, same body) was already delivered by this pod; acking the redelivery without posting it again");
             Happened::Duplicate
         } else {
-            self.deliver(&job.mapped, job.hand_back_at).await
+            self.deliver(job).await
         };
         if let (Happened::Delivered, Some(id)) = (&happened, message_id) {
             self.dedup.remember(id, body);
@@ -279,17 +264,85 @@ impl Pipeline {
     }
 
     /// Sends one event through the flow, retrying as the flow says; while a hold lasts
-    /// the message waits with the pod (it may be the hold's trial), until `hand_back_at`.
-    async fn deliver(&self, mapped: &Mapped, hand_back_at: Instant) -> Happened {
+    /// the message waits with the pod (it may be the hold's trial), until its hand-back
+    /// time or until its channel ends.
+    async fn deliver(&self, job: &Job) -> Happened {
+        let mapped = &job.mapped;
+        let hand_back_at = job.hand_back_at;
+        // Cancelled when the pipeline stops or the delivery's session ends.
+        let give_up = job.acks.give_up();
+        let gone = || !job.delivery.acker.usable() || !job.acks.channel().status().connected();
+        let not_now = || {
+            if gone() {
+                Happened::ChannelGone
+            } else {
+                Happened::NotStarted
+            }
+        };
         let mut budget = self.flow.budget(hand_back_at);
+        // Crisp said `people_not_found` and the profile may be created: the next request
+        // creates it (once), then the event is sent again.
+        let mut needs_profile = false;
         let mut created_profile = false;
         loop {
-            let Ok(permit) = self.flow.permit(&budget, &self.stopping).await else {
-                return Happened::NotStarted;
+            let Ok(permit) = self.flow.permit(&budget, give_up).await else {
+                return not_now();
             };
+            if gone() {
+                // The broker redelivers it on the new channel: posting it now would
+                // only make a duplicate (and its trial goes to a message that can settle).
+                return Happened::ChannelGone;
+            }
             if permit.is_trial() {
                 // The key may have been rotated while Crisp refused it.
                 self.client.reload_credentials();
+            }
+            let who = mask_people_id(&mapped.people_id);
+            let rule = mapped.rule.to_string();
+            if needs_profile {
+                // Profile creation goes through the flow like any request, on its own
+                // route: a hold on it is tried with a profile creation.
+                let permit = permit.for_route(CrispRoute::Profiles);
+                let created = tokio::select! {
+                    r = Box::pin(self.client.create_profile(&mapped.people_id)) => Some(r),
+                    _ = self.abandon.cancelled() => None,
+                };
+                let error = match created {
+                    None => return Happened::NotStarted,
+                    Some(Ok(())) => {
+                        self.flow.succeeded(permit);
+                        tracing::info!(rule = %mapped.rule, people_id = %who, "created the missing Crisp profile; sending the event once more");
+                        needs_profile = false;
+                        created_profile = true;
+                        continue;
+                    }
+                    Some(Err(e)) => e,
+                };
+                match error.failure {
+                    Failure::Refused => {
+                        self.refused(permit, &error);
+                        budget = self.flow.budget(hand_back_at);
+                        continue;
+                    }
+                    Failure::Transient | Failure::RateLimited => {}
+                    _ => {
+                        self.flow.answered(permit);
+                        tracing::warn!(rule = %mapped.rule, people_id = %who, error = %error, "could not create the missing Crisp profile");
+                        return Happened::PeopleNotFound {
+                            detail: format!(
+                                "no Crisp profile for {who}, and creating it failed: {error}"
+                            ),
+                            rule,
+                        };
+                    }
+                }
+                match self
+                    .retry(permit, &mut budget, &error, mapped, give_up)
+                    .await
+                {
+                    Some(happened) => return happened.unwrap_or_else(not_now),
+                    None => continue,
+                }
             }
             metrics::in_flight(1.0);
             let result = tokio::select! {
@@ -305,8 +358,6 @@ impl Pipeline {
                 }
                 Some(Err(e)) => e,
             };
-            let who = mask_people_id(&mapped.people_id);
-            let rule = mapped.rule.to_string();
             match error.failure {
                 Failure::Rejected => {
                     self.flow.answered(permit);
@@ -321,28 +372,7 @@ impl Pipeline {
                         && mapped.people_id.contains('@') =>
                 {
                     self.flow.answered(permit);
-                    created_profile = true;
-                    match Box::pin(self.client.create_profile(&mapped.people_id)).await {
-                        Ok(()) => {
-                            tracing::info!(rule = %mapped.rule, people_id = %who, "created the missing Crisp profile; sending the event once more");
-                            continue;
-                        }
-                        Err(e) if e.failure == Failure::Refused => {
-                            self.refused(None, &e);
-                            created_profile = false;
-                            budget = self.flow.budget(hand_back_at);
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!(rule = %mapped.rule, people_id = %who, error = %e, "could not create the missing Crisp profile");
-                            return Happened::PeopleNotFound {
-                                detail: format!(
-                                    "no Crisp profile for {who}, and creating it failed: {e}"
-                                ),
-                                rule,
-                            };
-                        }
-                    }
+                    needs_profile = true;
                 }
                 Failure::PeopleNotFound => {
                     self.flow.answered(permit);
@@ -358,47 +388,73 @@ impl Pipeline {
                 }
                 Failure::Refused => {
                     // Not the message's fault: it waits with the pod for the gate.
-                    self.refused(Some(permit), &error);
+                    self.refused(permit, &error);
                     budget = self.flow.budget(hand_back_at);
                 }
                 Failure::Transient | Failure::RateLimited => {
-                    let attempts = budget.attempts() + 1;
-                    match self.flow.failed(permit, &mut budget, &error) {
-                        Retry::Hold => budget = self.flow.budget(hand_back_at),
-                        Retry::HandBack => {
-                            tracing::info!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "handing the message back before the broker's consumer timeout (amqp.consumer_timeout)");
-                            return Happened::NotStarted;
-                        }
-                        Retry::Exhausted => {
-                            tracing::warn!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "giving up for now after max_retry_time; requeueing");
-                            return Happened::RetriesExhausted;
-                        }
-                        Retry::After(wait) => {
-                            tracing::debug!(rule = %mapped.rule, people_id = %who, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
-                            metrics::retry();
-                            let waited = Box::pin(async {
-                                tokio::select! {
-                                    _ = tokio::time::sleep(wait) => true,
-                                    _ = self.stopping.cancelled() => false,
-                                    // A hold began: wait at the gate (with a fresh
-                                    // budget), not out the backoff.
-                                    _ = self.flow.closed() => true,
-                                }
-                            });
-                            if !waited.await {
-                                return Happened::NotStarted;
-                            }
-                            if !self.flow.state().is_sending() {
-                                budget = self.flow.budget(hand_back_at);
-                            }
-                        }
+                    match self
+                        .retry(permit, &mut budget, &error, mapped, give_up)
+                        .await
+                    {
+                        Some(happened) => return happened.unwrap_or_else(not_now),
+                        None => continue,
                     }
                 }
             }
         }
     }
 
-    fn refused(&self, permit: Option<flow::Permit<'_>>, error: &crate::crisp::CrispError) {
+    /// After a transient failure or a rate limit: `None` to try again (after the
+    /// backoff, or at the gate with a fresh budget when a hold began); `Some(None)` to
+    /// give the message back without counting; `Some(Some(..))` when its budget is spent.
+    async fn retry(
+        &self,
+        permit: flow::Permit<'_>,
+        budget: &mut flow::Budget,
+        error: &crate::crisp::CrispError,
+        mapped: &Mapped,
+        give_up: &CancellationToken,
+    ) -> Option<Option<Happened>> {
+        let who = mask_people_id(&mapped.people_id);
+        let attempts = budget.attempts() + 1;
+        match self.flow.failed(permit, budget, error) {
+            Retry::Hold => *budget = self.flow.budget(budget.hand_back_at()),
+            Retry::HandBack => {
+                tracing::info!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "handing the message back before the broker's consumer timeout (amqp.consumer_timeout)");
+                return Some(None);
+            }
+            Retry::Exhausted => {
+                tracing::warn!(rule = %mapped.rule, people_id = %who, attempts, error = %error, "giving up for now after max_retry_time; requeueing");
+                return Some(Some(Happened::RetriesExhausted));
+            }
+            Retry::After(wait) => {
+                tracing::debug!(rule = %mapped.rule, people_id = %who, wait_ms = wait.as_millis() as u64, error = %error, "retrying");
+                metrics::retry();
+                if !self.wait_to_retry(wait, give_up).await {
+                    return Some(None);
+                }
+                if !self.flow.state().is_sending() {
+                    *budget = self.flow.budget(budget.hand_back_at());
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits out a retry's backoff; false when the message must give up instead. A hold
+    /// that begins meanwhile ends the wait (the message then waits at the gate).
+    async fn wait_to_retry(&self, wait: Duration, give_up: &CancellationToken) -> bool {
+        Box::pin(async {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => true,
+                _ = give_up.cancelled() => false,
+                _ = self.flow.closed() => true,
+            }
+        })
+        .await
+    }
+
+    fn refused(&self, permit: flow::Permit<'_>, error: &crate::crisp::CrispError) {
         if self.flow.refused(permit) {
             tracing::error!(status = error.status, reason = error.reason.as_deref(), error = %error, "Crisp refuses our requests; holding until a trial request gets through (messages wait with the pod, nothing is dead-lettered)");
         }
@@ -417,7 +473,8 @@ impl Pipeline {
         .await;
     }
 
-    /// The one path every delivery is settled through: its fate, then the broker.
+    /// The one path every delivery is settled through: its fate, then the broker. True
+    /// when the delivery went back to the queue.
     async fn finish(
         &self,
         acks: &Acks,
@@ -425,7 +482,7 @@ impl Pipeline {
         rule: &str,
         happened: Happened,
         hand_back_at: Instant,
-    ) {
+    ) -> bool {
         let settings = FateSettings {
             unmatched: self.settings.delivery.unmatched,
         };
@@ -446,19 +503,20 @@ impl Pipeline {
             }
         }
         let outcome = match &disposition {
-            Disposition::Ack { delivered: true } => Outcome::Delivered,
-            Disposition::Ack { delivered: false } => Outcome::Skipped,
+            Disposition::Ack { delivered: true } => MessageOutcome::Delivered,
+            Disposition::Ack { delivered: false } => MessageOutcome::Skipped,
             Disposition::DeadLetter(dl) => {
                 metrics::dead_letter(rule, dl.reason.code());
                 tracing::warn!(reason = dl.reason.code(), rule, detail = %dl.detail, "dead-lettered a message");
-                Outcome::DeadLettered
+                MessageOutcome::DeadLettered
             }
-            Disposition::Requeue(_) => Outcome::Requeued,
+            Disposition::Requeue(_) => MessageOutcome::Requeued,
         };
         metrics::message(rule, outcome);
-        if outcome != Outcome::Requeued {
+        if outcome != MessageOutcome::Requeued {
             metrics::message_age(delivery.properties.timestamp().as_ref().copied());
         }
+        outcome == MessageOutcome::Requeued
     }
 
     /// Settles a dead letter or a requeue; returns the requeue done instead, if it came
@@ -476,15 +534,19 @@ impl Pipeline {
             unmatched: self.settings.delivery.unmatched,
         };
         let mut redeclared = false;
+        let mut blocked: Option<flow::DeadLetterBlock<'_>> = None;
         let mut blocked_attempt = 0u32;
         loop {
             match settle(channel, exchange, delivery, settlement).await {
-                Settled::Done | Settled::Stale => {
-                    if blocked_attempt > 0 && self.flow.unblock_dead_letters() {
+                Settled::Done => {
+                    if matches!(settlement, Settlement::DeadLetter(_))
+                        && self.flow.unblock_dead_letters()
+                    {
                         tracing::info!(exchange = %exchange, "a queue takes dead-letter copies again; resuming");
                     }
                     return None;
                 }
+                Settled::Stale => return None,
                 Settled::DeadLetterFailed => {
                     let requeue = fate(Happened::DeadLetterUnconfirmed, settings);
                     if let Some(settlement) = Settlement::of(&requeue) {
@@ -509,19 +571,25 @@ impl Pipeline {
                     }
                 }
             }
-            if self.flow.block_dead_letters() {
-                tracing::error!(exchange = %exchange, "a dead-letter copy found no queue bound to the dead-letter exchange; holding (nothing is sent, /readyz fails) until one is: bind amqp.dead_letter_queue to it, or set amqp.declare = true");
+            if blocked.is_none() {
+                let block = self.flow.block_dead_letters();
+                if block.began() {
+                    tracing::error!(exchange = %exchange, "a dead-letter copy found no queue bound to the dead-letter exchange; holding (nothing is sent, /readyz fails) until one is: bind amqp.dead_letter_queue to it, or set amqp.declare = true");
+                }
+                blocked = Some(block);
             }
             let wait = self.flow.trial_backoff().delay(blocked_attempt);
             blocked_attempt = blocked_attempt.saturating_add(1);
             let until = (Instant::now() + wait).min(hand_back_at);
             let waited = tokio::select! {
                 _ = tokio::time::sleep_until(until) => Instant::now() < hand_back_at,
-                _ = self.stopping.cancelled() => false,
+                _ = acks.give_up().cancelled() => false,
             };
             if !waited || !channel.status().connected() {
-                // Stopping, or held as long as the consumer timeout allows: back to
-                // the queue, uncounted; the next attempt is the next delivery's.
+                // Stopping, the session gone, or held as long as the consumer timeout
+                // allows: back to the queue, uncounted. When no blocked copy is left
+                // waiting, the block ends with it (the next returned copy blocks again),
+                // so the redelivery can reach Crisp and try its dead letter anew.
                 let requeue = fate(Happened::NotStarted, settings);
                 if let Some(settlement) = Settlement::of(&requeue) {
                     settle(channel, exchange, delivery, settlement).await;
@@ -530,6 +598,7 @@ impl Pipeline {
             }
         }
     }
+
     /// Stops taking work: deliveries waiting (in lanes, at the gate, in a backoff) are
     /// requeued at once, in-flight ones get until `deadline` to finish, then they are
     /// abandoned and requeued; settling those gets until `give_up_at`.

@@ -24,6 +24,15 @@ const BELOW_GROWTH: f64 = 2.0;
 const ABOVE_GROWTH: f64 = 3.0;
 /// Beyond this multiple of the last limit the learned rate is forgotten.
 const FORGET_ABOVE: f64 = 64.0;
+/// Before Crisp first limits us, the rate starts here and doubles every
+/// [`SLOW_START_DOUBLING`] of saturated sending, as TCP's slow start does: a pod started
+/// cold on a backlog, or joining pods already at Crisp's limit, does not open with a
+/// burst that Crisp answers with a storm of 429s.
+pub(super) const SLOW_START_RATE: f64 = 10.0;
+const SLOW_START_DOUBLING: f64 = 0.1;
+/// A slow start that gets this far without a 429 ends: no pacing at all (only the
+/// concurrency limit), as before any limit is known.
+const SLOW_START_EXIT: f64 = 10_000.0;
 /// Never slower than this (a rate of zero would stop the pod for good).
 const MIN_RATE: f64 = 0.5;
 /// The longest stretch of time one claim counts as growth (after an idle spell the
@@ -56,6 +65,17 @@ impl Window {
         self.trim(now);
         self.0.len() as f64 / WINDOW.as_secs_f64()
     }
+
+    /// When one more event keeps the last [`WINDOW`] at `most` events: now, or when
+    /// enough of them have aged out.
+    fn room_at(&mut self, now: Instant, most: usize) -> Instant {
+        self.trim(now);
+        let most = most.max(1);
+        match self.0.len().checked_sub(most) {
+            Some(over) => self.0[over] + WINDOW,
+            None => now,
+        }
+    }
 }
 
 /// The pacing state: when the next request may start.
@@ -63,8 +83,10 @@ impl Window {
 pub(super) struct Pacing {
     /// `max_requests_per_second`: a hard ceiling.
     ceiling: Option<f64>,
-    /// The rate learned from 429/420; `None` until Crisp first limits us.
+    /// The rate learned from 429/420 (or growing in the slow start); `None`: unpaced.
     pub(super) learned: Option<f64>,
+    /// No 429/420 seen yet: `learned` is the slow start's rate.
+    slow_start: bool,
     /// The accepted rate when Crisp last limited us: the limit's estimate.
     last_limit: f64,
     last_cut: Option<Instant>,
@@ -81,7 +103,8 @@ impl Pacing {
         let now = Instant::now();
         Self {
             ceiling: (max_requests_per_second > 0.0).then_some(max_requests_per_second),
-            learned: None,
+            learned: Some(SLOW_START_RATE),
+            slow_start: true,
             last_limit: 0.0,
             last_cut: None,
             last_claim: now,
@@ -90,6 +113,18 @@ impl Pacing {
             sent: Window::default(),
             accepted: Window::default(),
         }
+    }
+
+    /// Crisp cut the rate within the last second (so the last second's sends may be
+    /// over the new rate).
+    fn cut_lately(&self) -> bool {
+        self.last_cut
+            .is_some_and(|cut| cut.elapsed() < WINDOW + WINDOW)
+    }
+
+    /// Paced by what Crisp taught us (not by the slow start, nor by nothing).
+    pub(super) fn throttled(&self) -> bool {
+        self.learned.is_some() && !self.slow_start
     }
 
     pub(super) fn rate(&self) -> Option<f64> {
@@ -110,7 +145,13 @@ impl Pacing {
     }
 
     fn claim_turn(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
-        let turn = self.next_slot.max(self.paused_until);
+        let mut turn = self.next_slot.max(self.paused_until);
+        if let (Some(rate), true) = (self.rate(), self.cut_lately()) {
+            // Right after a cut the last second still holds what was sent at the old
+            // rate: a limiter counting that second refuses until it ages out, so new
+            // requests stop at once instead of meeting a second of refusals.
+            turn = turn.max(self.sent.room_at(now, rate.floor() as usize));
+        }
         if turn > now {
             return Err(turn);
         }
@@ -144,6 +185,16 @@ impl Pacing {
 
     fn grow(&mut self, secs: f64) {
         let Some(rate) = self.learned else { return };
+        if self.slow_start {
+            let grown = rate * 2f64.powf(secs / SLOW_START_DOUBLING);
+            if grown > SLOW_START_EXIT {
+                self.learned = None;
+                self.slow_start = false;
+            } else {
+                self.learned = Some(self.ceiling.map_or(grown, |c| grown.min(c)));
+            }
+            return;
+        }
         let limit = self.last_limit;
         let grown = if rate < FAR_BELOW * limit {
             rate * BELOW_GROWTH.powf(secs)
@@ -171,7 +222,7 @@ impl Pacing {
             return false;
         }
         let accepted = self.accepted.per_second(now);
-        if accepted == 0.0 && self.learned.is_some() {
+        if accepted == 0.0 && self.learned.is_some() && !self.slow_start {
             // Nothing gets through at any rate (a spent quota): slowing down further
             // finds no share; each message's backoff and the hold deal with it.
             return false;
@@ -193,6 +244,7 @@ impl Pacing {
             self.last_limit = base.max(MIN_RATE);
         }
         self.learned = Some((base * BETA).max(MIN_RATE));
+        self.slow_start = false;
         self.last_cut = Some(now);
         // The lower rate applies to the very next request.
         if let Some(rate) = self.rate() {

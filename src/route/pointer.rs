@@ -54,7 +54,7 @@ const SECRET_PARTS: [&str; 8] = [
 ];
 const SECRET_SUFFIXES: [&str; 4] = ["ssn", "cvv", "cvc", "iban"];
 
-/// True when a key looks like it holds a secret (DESIGN "Event data hygiene"):
+/// True when a key looks like it holds a secret (`docs/contract.md`, "Data hygiene"):
 /// lower-cased and without `_` and `-`, it contains one of the secret words, or ends
 /// with `ssn`, `cvv`, `cvc` or `iban`.
 pub fn is_secret_looking(key: &str) -> bool {

@@ -1,4 +1,4 @@
-//! Event schemas (DESIGN "Contracts"): a rule may name a JSON Schema (draft 2020-12) that
+//! Event schemas (`docs/contract.md`): a rule may name a JSON Schema (draft 2020-12) that
 //! what its pointers see must satisfy. Compiled once at start-up; `check` also refuses a
 //! rule pointer the schema rules out.
 
@@ -252,12 +252,12 @@ mod tests {
         assert_eq!(text.len(), 2, "{text:#?}");
         assert!(
             text[0].contains(
-                "rules[0] `t` text: `/stage` can never find anything under schema trial.json"
+                "rule `t` text: `/stage` can never find anything under schema trial.json"
             ),
             "{text:#?}"
         );
         assert!(
-            text[1].contains("rules[1] `neither` routing_key: is missing"),
+            text[1].contains("rule `neither` routing_key: is missing"),
             "{text:#?}"
         );
     }

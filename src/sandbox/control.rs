@@ -78,6 +78,8 @@ struct Settings {
     identifier: Option<String>,
     key: Option<String>,
     auto_create_profiles: Option<bool>,
+    /// Enforce Crisp's published chatbox event limits (400 `invalid_data` beyond).
+    event_limits: Option<bool>,
     /// 200 or 201 for accepted events (Crisp's choice is unconfirmed).
     success_status: Option<u16>,
     latency_ms: Option<u64>,
@@ -86,8 +88,12 @@ struct Settings {
     down_status: Option<u16>,
     /// Event POSTs allowed in any 1 s window, shared by every client; 429 beyond (0: off).
     rate_limit: Option<u32>,
-    /// Send `Retry-After: 1` with rate-limit answers (default off).
+    /// Send `Retry-After` (seconds until a request fits) with rate-limit answers
+    /// (default off).
     rate_limit_retry_after: Option<bool>,
+    /// How the limit is counted: `sliding_window` (default), `token_bucket`,
+    /// `fixed_window` (each second), `fixed_window_minute` (each minute, 60 × the rate).
+    rate_limit_shape: Option<super::LimiterShape>,
     /// Routes failing on their own: `{"add_event": {"status": 503}}`, `{"add_event":
     /// {"status": 403, "reason": "restricted_route_tier"}}`; `null` restores a route.
     route_status: Option<std::collections::HashMap<super::Route, Option<super::RouteStatus>>>,
@@ -107,6 +113,9 @@ async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) ->
     if let Some(v) = s.auto_create_profiles {
         inner.options.auto_create_profiles = v;
     }
+    if let Some(v) = s.event_limits {
+        inner.options.event_limits = v;
+    }
     if let Some(v) = s.success_status {
         if !(200..300).contains(&v) {
             return (StatusCode::BAD_REQUEST, "success_status must be 2xx").into_response();
@@ -119,9 +128,22 @@ async fn settings(State(state): State<SandboxState>, Json(s): Json<Settings>) ->
     if let Some(v) = s.down_status {
         inner.down_status = (v != 0).then_some(v);
     }
-    if let Some(v) = s.rate_limit {
-        let retry_after = s.rate_limit_retry_after.unwrap_or(false);
-        inner.rate_limit = (v > 0).then(|| super::RateLimit::new(v, retry_after));
+    if s.rate_limit.is_some() || s.rate_limit_shape.is_some() {
+        let current = inner.rate_limit.as_ref();
+        let per_second = s.rate_limit.or(current.map(|l| l.per_second()));
+        let retry_after = s
+            .rate_limit_retry_after
+            .or(current.map(|l| l.retry_after))
+            .unwrap_or(false);
+        let shape = s
+            .rate_limit_shape
+            .or(current.map(|l| l.shape()))
+            .unwrap_or_default();
+        // Set anew, even to the same numbers: a limit that changes mid-run starts
+        // counting from the change.
+        inner.rate_limit = per_second
+            .filter(|r| *r > 0)
+            .map(|r| super::RateLimit::new(r, retry_after, shape));
     }
     for (route, status) in s.route_status.unwrap_or_default() {
         match status {

@@ -1,4 +1,4 @@
-//! The Crisp routes crisp-bridge uses, answered the way `shared/CRISP_API.md` says Crisp
+//! The Crisp routes crisp-bridge uses, answered the way `docs/crisp-api.md` says Crisp
 //! answers them.
 
 use super::raw::{raw_lines, RAW_LINES_HEADER, SINGLETON_HEADERS, VIOLATION_HEADER};
@@ -206,6 +206,22 @@ fn authorize(
     Ok(())
 }
 
+/// The limits Crisp published for chatbox events.
+fn within_chatbox_limits(text: &str, data: &serde_json::Map<String, Value>) -> bool {
+    use crate::route::chatbox;
+    text.chars().count() <= chatbox::TEXT_CHARS
+        && data.len() <= chatbox::DATA_KEYS
+        && data.iter().all(|(key, value)| {
+            (1..=chatbox::KEY_CHARS).contains(&key.chars().count())
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && value
+                    .as_str()
+                    .is_none_or(|v| v.chars().count() <= chatbox::VALUE_CHARS)
+        })
+}
+
 fn is_email(id: &str) -> bool {
     matches!(id.split_once('@'), Some((l, d)) if !l.is_empty() && !d.is_empty() && !d.contains('@'))
         && !id.chars().any(char::is_whitespace)
@@ -274,9 +290,10 @@ async fn add_event(
         let fault = next_fault(&mut inner, &people_id);
         // Judged on arrival, like a real limiter in front of the API.
         let limited = match inner.rate_limit.as_mut() {
-            Some(limit) if fault.as_ref().and_then(|f| f.status).is_none() => {
-                (!limit.admit(std::time::Instant::now())).then_some(limit.retry_after)
-            }
+            Some(limit) if fault.as_ref().and_then(|f| f.status).is_none() => limit
+                .admit(std::time::Instant::now())
+                .err()
+                .map(|wait| limit.retry_after.then_some(wait)),
             _ => None,
         };
         (fault, inner.latency, limited)
@@ -292,8 +309,11 @@ async fn add_event(
         }
     }
     if let Some(retry_after) = limited {
+        // Whole seconds, rounded up: when a request would fit again.
         let fault = Fault {
-            retry_after: retry_after.then(|| "1".into()),
+            retry_after: retry_after
+                .map(|w| w.as_secs() + u64::from(w.subsec_nanos() > 0))
+                .map(|secs| secs.max(1).to_string()),
             ..Fault::default()
         };
         return fault_response(&fault, 429);
@@ -343,6 +363,9 @@ fn accept_event(
         .keys()
         .any(|k| !matches!(k.as_str(), "text" | "color" | "data"))
     {
+        return error(400, "invalid_data");
+    }
+    if inner.options.event_limits && !within_chatbox_limits(&text, &data) {
         return error(400, "invalid_data");
     }
     let known = if is_email(&people_id) {

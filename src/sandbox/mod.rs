@@ -1,12 +1,19 @@
 //! `crisp-bridge sandbox`: a local stand-in for the Crisp REST API routes crisp-bridge
 //! uses, in memory. Same auth (Basic + `X-Crisp-Tier`), envelope and error codes as
-//! `shared/CRISP_API.md`; it percent-decodes people ids like a real server, and keeps
+//! `docs/crisp-api.md`; it percent-decodes people ids like a real server, and keeps
 //! what it received so users and tests can read it back (`GET /_sandbox/events`) and
 //! inject faults (`POST /_sandbox/faults`).
 
 mod control;
 mod crisp_routes;
+mod limiter;
 mod raw;
+mod tls;
+
+pub use limiter::LimiterShape;
+pub use tls::SandboxTls;
+
+use limiter::RateLimit;
 
 use axum::Router;
 use serde::{Deserialize, Serialize};
@@ -31,6 +38,13 @@ pub struct SandboxOptions {
     /// Accept events for emails without a profile (creating it), instead of Crisp's
     /// conservative 404 `people_not_found`.
     pub auto_create_profiles: bool,
+    /// Enforce the limits Crisp published for chatbox events (text 80 characters, 10
+    /// data keys, keys of 1–50 characters `[A-Za-z0-9_-]`, values up to 120 characters),
+    /// answering 400 `invalid_data` beyond them; whether Crisp's REST route does is
+    /// unconfirmed.
+    pub event_limits: bool,
+    /// Serve HTTPS with this certificate and key instead of HTTP.
+    pub tls: Option<SandboxTls>,
 }
 
 impl Default for SandboxOptions {
@@ -41,6 +55,8 @@ impl Default for SandboxOptions {
             tier: "plugin".into(),
             website_ids: vec![DEFAULT_WEBSITE_ID.into()],
             auto_create_profiles: false,
+            event_limits: false,
+            tls: None,
         }
     }
 }
@@ -158,42 +174,6 @@ pub struct RouteStatus {
     pub reason: Option<String>,
 }
 
-/// At most `per_second` event POSTs in any sliding 1 s window; the rest get 429.
-#[derive(Debug)]
-pub(crate) struct RateLimit {
-    per_second: u32,
-    /// Send `Retry-After: 1` with the 429.
-    pub(crate) retry_after: bool,
-    /// When each request let through in the last second arrived.
-    window: VecDeque<std::time::Instant>,
-}
-
-impl RateLimit {
-    pub(crate) fn new(per_second: u32, retry_after: bool) -> Self {
-        Self {
-            per_second,
-            retry_after,
-            window: VecDeque::new(),
-        }
-    }
-
-    /// True when one more request fits in the window (and counts it).
-    pub(crate) fn admit(&mut self, now: std::time::Instant) -> bool {
-        while self
-            .window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
-        {
-            self.window.pop_front();
-        }
-        let fits = self.window.len() < self.per_second as usize;
-        if fits {
-            self.window.push_back(now);
-        }
-        fits
-    }
-}
-
 /// Shared sandbox state; cloning shares it.
 #[derive(Clone, Debug)]
 pub struct SandboxState(Arc<Mutex<Inner>>);
@@ -279,9 +259,25 @@ impl SandboxState {
     /// Limits event POSTs to `per_second` in any 1 s window (429 beyond, with
     /// `Retry-After: 1` when `retry_after`); `None` lifts the limit.
     pub fn set_rate_limit(&self, per_second: Option<u32>, retry_after: bool) {
+        let shape = self
+            .lock()
+            .rate_limit
+            .as_ref()
+            .map(RateLimit::shape)
+            .unwrap_or_default();
+        self.set_rate_limiter(per_second, retry_after, shape);
+    }
+
+    /// Limits event POSTs to `per_second`, counted the way `shape` says; `None` lifts it.
+    pub fn set_rate_limiter(
+        &self,
+        per_second: Option<u32>,
+        retry_after: bool,
+        shape: LimiterShape,
+    ) {
         self.lock().rate_limit = per_second
             .filter(|r| *r > 0)
-            .map(|r| RateLimit::new(r, retry_after));
+            .map(|r| RateLimit::new(r, retry_after, shape));
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -328,31 +324,54 @@ pub struct Sandbox {
     pub addr: SocketAddr,
     pub state: SandboxState,
     stop: CancellationToken,
+    https: bool,
 }
 
 impl Sandbox {
     /// Binds `listen` (port 0 picks a free port) and serves in the background.
     pub async fn start(listen: SocketAddr, options: SandboxOptions) -> std::io::Result<Self> {
+        let acceptor = options.tls.as_ref().map(SandboxTls::acceptor).transpose()?;
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let state = SandboxState::new(options);
         let stop = CancellationToken::new();
         let app = router(state.clone());
         let stopped = stop.clone();
+        let https = acceptor.is_some();
         tokio::spawn(async move {
-            let served = axum::serve(raw::RawHeadListener(listener), app)
-                .with_graceful_shutdown(async move { stopped.cancelled().await })
-                .await;
+            let stopping = async move { stopped.cancelled().await };
+            let served = match acceptor {
+                None => {
+                    axum::serve(raw::RawHeadListener(listener), app)
+                        .with_graceful_shutdown(stopping)
+                        .await
+                }
+                Some(acceptor) => {
+                    let listener = tls::TlsRawHeadListener {
+                        tcp: listener,
+                        acceptor,
+                    };
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopping)
+                        .await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "sandbox server stopped");
             }
         });
-        Ok(Self { addr, state, stop })
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            https,
+        })
     }
 
     /// The `crisp.api_url` that points at this sandbox.
     pub fn api_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/v1", self.addr)
     }
 
     pub fn stop(&self) {

@@ -38,20 +38,20 @@ pub const NO_RULE: &str = "none";
 
 /// Final outcome of a message (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum MessageOutcome {
     Delivered,
     Skipped,
     DeadLettered,
     Requeued,
 }
 
-impl Outcome {
+impl MessageOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Delivered => "delivered",
-            Outcome::Skipped => "skipped",
-            Outcome::DeadLettered => "dead_lettered",
-            Outcome::Requeued => "requeued",
+            MessageOutcome::Delivered => "delivered",
+            MessageOutcome::Skipped => "skipped",
+            MessageOutcome::DeadLettered => "dead_lettered",
+            MessageOutcome::Requeued => "requeued",
         }
     }
 }
@@ -196,10 +196,10 @@ pub fn register(rules: &[&str]) {
     ];
     for rule in rules.iter().copied().chain([NO_RULE]) {
         for outcome in [
-            Outcome::Delivered,
-            Outcome::Skipped,
-            Outcome::DeadLettered,
-            Outcome::Requeued,
+            MessageOutcome::Delivered,
+            MessageOutcome::Skipped,
+            MessageOutcome::DeadLettered,
+            MessageOutcome::Requeued,
         ] {
             counter!(MESSAGES, "rule" => rule.to_owned(), "outcome" => outcome.as_str())
                 .increment(0);
@@ -254,7 +254,7 @@ pub fn message_age(timestamp: Option<u64>) {
 
 /// Per-message metrics use handles kept here once the recorder is installed: going through
 /// the recorder each time allocates the label strings and hashes the whole key, a sizeable
-/// part of the bridge's own CPU per message (issue 10). Before `install` (unit tests, an
+/// part of the bridge's own CPU per message. Before `install` (unit tests, an
 /// embedding program) handles are not kept, so a later recorder still sees every update.
 fn cached<T: Clone>(cell: &'static OnceLock<T>, make: impl FnOnce() -> T) -> T {
     if HANDLE.get().is_some() {
@@ -285,22 +285,22 @@ fn cached_by<T: Clone>(
     handle
 }
 
-pub fn message(rule: &str, outcome: Outcome) {
+pub fn message(rule: &str, outcome: MessageOutcome) {
     static BY_RULE: OnceLock<Mutex<HashMap<String, [Counter; 4]>>> = OnceLock::new();
     let counters = cached_by(&BY_RULE, rule, || {
         [
-            Outcome::Delivered,
-            Outcome::Skipped,
-            Outcome::DeadLettered,
-            Outcome::Requeued,
+            MessageOutcome::Delivered,
+            MessageOutcome::Skipped,
+            MessageOutcome::DeadLettered,
+            MessageOutcome::Requeued,
         ]
         .map(|o| counter!(MESSAGES, "rule" => rule.to_owned(), "outcome" => o.as_str()))
     });
     let index = match outcome {
-        Outcome::Delivered => 0,
-        Outcome::Skipped => 1,
-        Outcome::DeadLettered => 2,
-        Outcome::Requeued => 3,
+        MessageOutcome::Delivered => 0,
+        MessageOutcome::Skipped => 1,
+        MessageOutcome::DeadLettered => 2,
+        MessageOutcome::Requeued => 3,
     };
     counters[index].increment(1);
 }

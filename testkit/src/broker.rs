@@ -274,7 +274,15 @@ impl BrokerClient {
 /// the broker. Runs on its own thread and connection: it serves `Drop`, which cannot
 /// await.
 pub fn delete_topology(names: &Names) {
+    if let Some(url) = BROKER_URL.get() {
+        delete_topology_at(url, names);
+    }
+}
+
+/// [`delete_topology`] on the broker at `url`.
+pub fn delete_topology_at(url: &str, names: &Names) {
     let names = names.clone();
+    let url = url.to_owned();
     let cleanup = std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -283,9 +291,6 @@ pub fn delete_topology(names: &Names) {
             return;
         };
         runtime.block_on(async move {
-            let Some(url) = BROKER_URL.get().cloned() else {
-                return;
-            };
             let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
             else {
                 return;

@@ -54,6 +54,11 @@ impl BridgeCommand {
         self
     }
 
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.command.env_remove(key);
+        self
+    }
+
     /// Keeps stdout and stderr in memory ([`Bridge::output`]) instead of passing stderr
     /// through and dropping stdout.
     pub fn capture_output(mut self) -> Self {
@@ -62,7 +67,14 @@ impl BridgeCommand {
     }
 
     /// Starts the child and waits until its `/readyz` answers 200.
-    pub async fn spawn(mut self) -> Bridge {
+    pub async fn spawn(self) -> Bridge {
+        let bridge = self.start();
+        bridge.wait_ready().await;
+        bridge
+    }
+
+    /// Starts the child without waiting for it (a test of what keeps it from ready).
+    pub fn start(mut self) -> Bridge {
         let (stdout, stderr) = if self.capture {
             (Stdio::piped(), Stdio::piped())
         } else {
@@ -102,13 +114,11 @@ impl BridgeCommand {
                 }
             });
         }
-        let bridge = Bridge {
+        Bridge {
             child,
             admin: SocketAddr::from(([127, 0, 0, 1], self.admin_port)),
             output,
-        };
-        bridge.wait_ready().await;
-        bridge
+        }
     }
 }
 
@@ -142,17 +152,17 @@ impl Bridge {
         }
     }
 
+    /// What `/readyz` answers; 0 while the admin server is not up.
+    pub async fn readyz(&self) -> u16 {
+        match reqwest::get(format!("http://{}/readyz", self.admin)).await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
     pub async fn wait_ready(&self) {
-        let url = format!("http://{}/readyz", self.admin);
-        eventually("the child bridge to be ready", || {
-            let url = url.clone();
-            async move {
-                reqwest::get(&url)
-                    .await
-                    .ok()
-                    .filter(|r| r.status() == 200)
-                    .map(|_| ())
-            }
+        eventually("the child bridge to be ready", || async {
+            (self.readyz().await == 200).then_some(())
         })
         .await;
     }

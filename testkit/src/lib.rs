@@ -12,8 +12,8 @@ mod proxy;
 
 pub use app::{TestApp, TestAppBuilder, TestEnv};
 pub use broker::{
-    amqp_url, amqp_url_via, broker_addr, delete_topology, header, load_message, BrokerClient,
-    DEFAULT_RABBITMQ_IMAGE,
+    amqp_url, amqp_url_via, broker_addr, delete_topology, delete_topology_at, header, load_message,
+    BrokerClient, DEFAULT_RABBITMQ_IMAGE,
 };
 pub use child::{arg, bin_from_env, default_bin, free_port, Bridge, BridgeCommand};
 pub use config::{Names, TestConfig, LOAD_RULES, RULES};

@@ -144,3 +144,72 @@ async fn cloud_events_in_both_modes_and_amqp_types_reach_crisp_through_their_rul
         "the duplicate was not posted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_can_enforce_crisps_chatbox_event_limits() {
+    use crisp_bridge_testkit::{auto_profiles, header, TestApp};
+    // A rule that can exceed them: `check` says so and still passes.
+    let rules = r#"
+[[rules]]
+name = "wide"
+routing_key = "wide.#"
+people_id = "/email"
+text = "wide:event"
+data = { k01 = "/a", k02 = "/a", k03 = "/a", k04 = "/a", k05 = "/a", k06 = "/a", k07 = "/a", k08 = "/a", k09 = "/a", k10 = "/a", k11 = "/a" }
+
+[[rules]]
+name = "long-value"
+routing_key = "long.#"
+people_id = "/email"
+text = "long:value"
+data = { note = "/note" }
+"#;
+    let config = crisp_bridge::config::from_toml_str(&format!(
+        "[crisp]\nwebsite_id = \"{}\"\nidentifier = \"i\"\nkey = \"k\"\n{rules}",
+        crisp_bridge::sandbox::DEFAULT_WEBSITE_ID
+    ))
+    .expect("config");
+    let validated = crisp_bridge::config::validate(config).expect("valid");
+    let warnings: Vec<String> = validated
+        .router
+        .warnings()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("rule `wide` data") && warnings[0].contains("over 10"),
+        "{warnings:?}"
+    );
+    let mut options = auto_profiles();
+    options.event_limits = true;
+    let mut app = TestApp::builder("event-limits")
+        .sandbox(options)
+        .rules(rules)
+        .start()
+        .await;
+    app.publish("wide.x", br#"{"email":"a@b.io","a":"x"}"#)
+        .await;
+    let long = "x".repeat(121);
+    app.publish(
+        "long.x",
+        format!(r#"{{"email":"b@b.io","note":"{long}"}}"#).as_bytes(),
+    )
+    .await;
+    app.publish("long.x", br#"{"email":"c@b.io","note":"short"}"#)
+        .await;
+    let dead = app.broker.take(&app.names.dlq, 2).await;
+    for d in &dead {
+        assert_eq!(
+            header(d, "x-crisp-bridge-reason").as_deref(),
+            Some("crisp_rejected")
+        );
+        assert!(header(d, "x-crisp-bridge-detail")
+            .unwrap_or_default()
+            .contains("invalid_data"));
+    }
+    let events = app.events(1).await;
+    assert_eq!(events[0].people_id, "c@b.io");
+    app.stop().await;
+    assert_eq!(app.broker.ready(&app.names.queue).await, 0);
+}

@@ -100,7 +100,11 @@ async fn settle_as_the_connection_dies(way: Way) {
         .expect("a delivery")
         .expect("a delivery, not an error");
 
-    let acks = Acks::new(channel.clone(), 1);
+    let acks = Acks::new(
+        channel.clone(),
+        1,
+        &tokio_util::sync::CancellationToken::new(),
+    );
     acks.received(delivery.delivery_tag);
 
     // lapin's IO thread sees the connection end and queues the error and the stop

@@ -231,15 +231,9 @@ async fn a_deleted_dead_letter_queue_is_declared_again_and_the_copy_kept() {
     app.stop_with_empty_queues().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_copy_nobody_takes_holds_until_a_queue_does() {
-    // The bridge declares nothing here; the test's topology has no dead-letter queue.
-    let mut app = TestApp::builder("dlq-missing")
-        .sandbox(auto_profiles())
-        .config("[amqp]\ndeclare = false")
-        .start_without_waiting()
-        .await;
-    let names = app.names.clone();
+/// The test's topology as the bridge would declare it, but without a dead-letter queue.
+async fn declare_without_dead_letter_queue(app: &TestApp) {
+    let names = &app.names;
     let channel = &app.broker.channel;
     let durable = |kind| {
         (
@@ -290,6 +284,44 @@ async fn a_dead_letter_copy_nobody_takes_holds_until_a_queue_does() {
         )
         .await
         .expect("bind");
+}
+
+/// Declares the dead-letter queue and binds it, as an operator fixing the topology would.
+async fn add_dead_letter_queue(app: &TestApp) {
+    let channel = &app.broker.channel;
+    channel
+        .queue_declare(
+            app.names.dlq.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare dlq");
+    channel
+        .queue_bind(
+            app.names.dlq.as_str().into(),
+            app.names.dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind dlq");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_nobody_takes_holds_until_a_queue_does() {
+    // The bridge declares nothing here; the test's topology has no dead-letter queue.
+    let mut app = TestApp::builder("dlq-missing")
+        .sandbox(auto_profiles())
+        .config("[amqp]\ndeclare = false")
+        .start_without_waiting()
+        .await;
+    let names = app.names.clone();
+    declare_without_dead_letter_queue(&app).await;
     app.wait_ready(200).await;
     app.publish("trial.started", b"not json").await;
     app.wait_ready(503).await;
@@ -311,24 +343,7 @@ async fn a_dead_letter_copy_nobody_takes_holds_until_a_queue_does() {
     .await;
     assert!(app.sandbox.state.attempts().is_empty());
     // The operator adds the queue: the copy goes there, the hold ends.
-    channel
-        .queue_declare(
-            names.dlq.as_str().into(),
-            durable_queue,
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare dlq");
-    channel
-        .queue_bind(
-            names.dlq.as_str().into(),
-            names.dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind dlq");
+    add_dead_letter_queue(&app).await;
     let dead = app.broker.take(&names.dlq, 1).await;
     assert_eq!(dead[0].delivery.data, b"not json");
     app.wait_ready(200).await;
@@ -377,4 +392,90 @@ async fn sigterm_during_a_refusal_hold_exits_within_shutdown_timeout() {
     .await;
     assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
     assert!(took < WAIT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_block_ends_with_the_last_blocked_copy() {
+    // Hand-back after 2.5 s. Crisp rejects this person's events (400); the copy finds no
+    // queue. Once the blocked message goes back, nothing else could lift the block: it
+    // ends with it, so the redelivery reaches Crisp and tries its dead letter again.
+    let mut app = TestApp::builder("dlq-last")
+        .sandbox(auto_profiles())
+        .config("[amqp]\ndeclare = false\nconsumer_timeout = \"5s\"")
+        .start_without_waiting()
+        .await;
+    declare_without_dead_letter_queue(&app).await;
+    app.wait_ready(200).await;
+    app.sandbox.state.push_fault(Fault {
+        status: Some(400),
+        times: 1000,
+        people_id: Some("a@b.io".into()),
+        ..Default::default()
+    });
+    app.publish("trial.started", crisp_bridge_testkit::TRIAL)
+        .await;
+    app.wait_ready(503).await;
+    let state = app.sandbox.state.clone();
+    eventually("the redelivery posted to Crisp again", || {
+        let posts = event_posts(&state.attempts()).len();
+        async move { (posts >= 2).then_some(()) }
+    })
+    .await;
+    add_dead_letter_queue(&app).await;
+    let dead = app.broker.take(&app.names.dlq, 1).await;
+    assert_eq!(dead[0].delivery.data, crisp_bridge_testkit::TRIAL);
+    assert_eq!(
+        header(&dead[0], "x-crisp-bridge-reason").as_deref(),
+        Some("crisp_rejected")
+    );
+    app.wait_ready(200).await;
+    app.stop_with_empty_queues().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_profile_route_is_tried_with_profile_creations() {
+    // Event POSTs work; creating profiles is refused. The hold's trials create the
+    // profile; an event POST answering 404 proves nothing about that route.
+    let mut app = TestApp::builder("hold-profiles")
+        .config("[crisp]\ncreate_missing_profiles = true")
+        .start()
+        .await;
+    app.sandbox.state.set_route_status(
+        Route::CreateProfile,
+        Some(RouteStatus {
+            status: 403,
+            reason: Some("restricted_route_tier".into()),
+        }),
+    );
+    app.publish(
+        "trial.started",
+        br#"{"email":"new@b.io","phase":"started"}"#,
+    )
+    .await;
+    app.wait_ready(503).await;
+    let state = app.sandbox.state.clone();
+    let creations = eventually("four refused profile creations", || {
+        let creations: Vec<Attempt> = state
+            .attempts()
+            .into_iter()
+            .filter(|a| a.method == "POST" && a.path.ends_with("/people/profile"))
+            .collect();
+        async move { (creations.len() >= 4).then_some(creations) }
+    })
+    .await;
+    assert!(creations.iter().all(|c| c.status == 403), "{creations:?}");
+    assert_growing(&creations[1..]);
+    assert_eq!(
+        event_posts(&app.sandbox.state.attempts()).len(),
+        1,
+        "trials go to the route that failed"
+    );
+    assert_eq!(app.readyz().await, 503, "the hold never ended meanwhile");
+    app.sandbox
+        .state
+        .set_route_status(Route::CreateProfile, None);
+    let events = app.events(1).await;
+    assert_eq!(events[0].people_id, "new@b.io");
+    app.wait_ready(200).await;
+    app.stop_with_empty_queues().await;
 }

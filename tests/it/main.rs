@@ -1,5 +1,6 @@
 //! One integration-test binary: the bridge against a real RabbitMQ and the Crisp sandbox.
 //! The broker, names, configs and the bridge itself come from `crisp-bridge-testkit`.
+//! The TLS tests (tls.rs) need the AMQPS nodes of scripts/ensure-rabbitmq-tls.sh.
 
 mod answers;
 mod consumer_timeout;
@@ -12,5 +13,7 @@ mod hostile;
 mod kit;
 mod pipes;
 mod process;
+mod proxy;
 mod replay;
+mod tls;
 mod wire;

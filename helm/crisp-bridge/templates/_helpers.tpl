@@ -197,9 +197,75 @@ Usage: include "crisp-bridge.normalize" (dict "v" $value "out" $dict "key" "k")
 {{- $_ := set $src $s.section $section }}
 {{- end }}
 {{- end }}
+{{- /* The broker's TLS Secret and the way to Crisp; keys the user set in config win. */}}
+{{- range $v := include "crisp-bridge.tlsKeys" . | fromYamlArray }}
+{{- $section := get $src $v.section | default dict }}
+{{- if eq $v.section "amqp" }}
+{{- $tls := get $section "tls" | default dict }}
+{{- $_ := set $tls $v.key (get $tls $v.key | default $v.value) }}
+{{- $_ := set $section "tls" $tls }}
+{{- else }}
+{{- $_ := set $section $v.key (get $section $v.key | default $v.value) }}
+{{- end }}
+{{- $_ := set $src $v.section $section }}
+{{- end }}
 {{- $holder := dict }}
 {{- include "crisp-bridge.normalize" (dict "v" $src "out" $holder "key" "cfg") }}
 {{- get $holder "cfg" | toToml }}
+{{- end }}
+
+{{/* Config keys the chart sets from amqpTls and crisp: [{section, key, value, env}]. */}}
+{{- define "crisp-bridge.tlsKeys" -}}
+{{- with .Values.amqpTls.secretName }}
+- {section: amqp, key: ca_file, value: {{ printf "%s/ca.crt" $.Values.amqpTls.mountPath | quote }}, env: CRISP_BRIDGE_AMQP__TLS__CA_FILE}
+{{- if $.Values.amqpTls.clientCertificate }}
+- {section: amqp, key: cert_file, value: {{ printf "%s/tls.crt" $.Values.amqpTls.mountPath | quote }}, env: CRISP_BRIDGE_AMQP__TLS__CERT_FILE}
+- {section: amqp, key: key_file, value: {{ printf "%s/tls.key" $.Values.amqpTls.mountPath | quote }}, env: CRISP_BRIDGE_AMQP__TLS__KEY_FILE}
+{{- end }}
+{{- end }}
+{{- with .Values.crisp.proxy }}
+- {section: crisp, key: proxy, value: {{ . | quote }}, env: CRISP_BRIDGE_CRISP__PROXY}
+{{- end }}
+{{- with .Values.crisp.caFile }}
+- {section: crisp, key: ca_file, value: {{ . | quote }}, env: CRISP_BRIDGE_CRISP__CA_FILE}
+{{- end }}
+{{- end }}
+
+{{/* The broker's TLS Secret as a volume; not subPath-mounted, so renewals reach the pod. */}}
+{{- define "crisp-bridge.tlsVolume" -}}
+{{- with .Values.amqpTls.secretName }}
+- name: amqp-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+      {{- if $.Values.amqpTls.clientCertificate }}
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "crisp-bridge.tlsVolumeMount" -}}
+{{- if .Values.amqpTls.secretName }}
+- name: amqp-tls
+  mountPath: {{ .Values.amqpTls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* With existingConfigMap the chart cannot edit the file: the same keys as variables. */}}
+{{- define "crisp-bridge.tlsEnv" -}}
+{{- if .Values.existingConfigMap }}
+{{- range $v := include "crisp-bridge.tlsKeys" . | fromYamlArray }}
+- name: {{ $v.env }}
+  value: {{ $v.value | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Checks that span several values; included by the Deployment. */}}
