@@ -15,7 +15,9 @@ Run through .ci/chart-check.sh, which prepares the virtualenv. Steps:
    TOML config parses and holds the rules, KEDA wiring, PDB choice, new pod options,
    the helm test Pod, ...);
 6. validate the PrometheusRule's structure and that its alerts and the Grafana
-   dashboard query only metrics src/telemetry/metrics.rs defines;
+   dashboard query only metrics src/telemetry/metrics.rs defines; the daily-quota
+   alert sums the pods' requests against crisp.dailyQuota x the warning ratio, and
+   the dashboard draws that quota (placeholder substituted);
 7. check the generated files are current: values.schema.json's config/rules
    (.ci/gen_values_schema.py) and the README's values table (.ci/gen_chart_readme.py).
 
@@ -241,7 +243,10 @@ def step_schema(chart: helm.Chart, value_files: list[Path], invalid_schema: list
              ({"config": {"delivery": {"concurency": 8}}}, "concurency in config.delivery"),
              ({"rules": [{**defaults["rules"][0], "color": "teal"}]}, "an unknown color"),
              ({"config": {"crisp": {"timeout": "10 seconds"}}}, "a malformed duration"),
-             ({"secretsAs": "volume"}, "an unknown secretsAs")]
+             ({"secretsAs": "volume"}, "an unknown secretsAs"),
+             ({"crisp": {"dailyQuota": 0}}, "a daily quota of 0"),
+             ({"crisp": {"dailyQuota": "5k"}}, "a daily quota that is not a number"),
+             ({"prometheusRule": {"quotaWarningRatio": 1.5}}, "a quota warning ratio above 1")]
     for change, label in typos:
         check(bool(errors_of({**defaults, **change})), f"{label} is refused by the schema")
     check(not errors_of({**defaults, "config": {"crisp": {"key_file": "/run/key"}}}), "config.crisp.key_file is accepted")
@@ -772,7 +777,8 @@ PROMETHEUS_RULE_SCHEMA = {
 }
 
 EXPECTED_ALERTS = {"CrispBridgeNoConsumer", "CrispBridgeCrispRefused", "CrispBridgeRateLimitHold", "CrispBridgeOutageHold",
-                   "CrispBridgeDeadLetterRatio", "CrispBridgeDeadLetters", "CrispBridgeRetriesClimbing"}
+                   "CrispBridgeDeadLetterRatio", "CrispBridgeDeadLetters", "CrispBridgeRetriesClimbing",
+                   "CrispBridgeQuotaNearlySpent"}
 
 
 def step_monitoring(renders: dict[str, list[dict[str, Any]]]) -> None:
@@ -791,7 +797,8 @@ def step_monitoring(renders: dict[str, list[dict[str, Any]]]) -> None:
     check(not errs, "PrometheusRule matches the monitoring.coreos.com/v1 structure (groups, rules, alert/expr/for/labels/annotations)", "; ".join(errs))
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
     got = {a.get("alert") for a in alerts}
-    check(EXPECTED_ALERTS <= got, "alerts: no consumer, credentials refused, rate-limit/quota hold, outage hold, dead letters, retries",
+    check(EXPECTED_ALERTS <= got, "alerts: no consumer, credentials refused, rate-limit/quota hold, outage hold, dead letters, retries, "
+          "quota nearly spent",
           str(sorted(EXPECTED_ALERTS - got)))
     for a in alerts:
         bad = unknown_metrics(a["expr"], names, histograms)
@@ -823,6 +830,126 @@ def step_monitoring(renders: dict[str, list[dict[str, Any]]]) -> None:
                          ("crisp_bridge_crisp_requests_total", "requests by status"), ("histogram_quantile(0.95", "p95 duration"),
                          ("crisp_bridge_in_flight", "in-flight"), ("crisp_bridge_rate_limit_hold", "holds")):
         check(any(needle in t for t in targets), f"dashboard has a {what} panel")
+
+
+QUOTA_ALERT = "CrispBridgeQuotaNearlySpent"
+QUOTA_METRIC = "crisp_bridge_crisp_requests_today"
+
+
+def quota_rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if r.get("alert") == QUOTA_ALERT]
+    assert len(rules) == 1, f"expected one {QUOTA_ALERT}, found {len(rules)}"
+    return rules[0]
+
+
+def quota_threshold(expr: str) -> float:
+    """The number after the last `>`: the alert compares the day's sum with quota x ratio."""
+    found = re.search(r">\s*([0-9][0-9.e+]*)\s*$", expr)
+    assert found, f"no `> <number>` at the end of {expr!r}"
+    return float(found.group(1))
+
+
+def dashboard_quota_targets(docs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """The dashboard JSON as rendered, and the targets of the panel summing requests today."""
+    boards = [d for d in by_kind(docs, "ConfigMap") if "crisp-bridge.json" in d.get("data", {})]
+    assert len(boards) == 1, f"expected one dashboard ConfigMap, found {len(boards)}"
+    text = boards[0]["data"]["crisp-bridge.json"]
+    panels = [p for p in json.loads(text).get("panels", [])
+              if any(QUOTA_METRIC in t.get("expr", "") and t["expr"].lstrip().startswith("sum(") for t in p.get("targets", []))]
+    assert len(panels) == 1, f"expected one panel summing {QUOTA_METRIC}, found {len(panels)}"
+    return text, panels[0]["targets"]
+
+
+def step_quota(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) -> None:
+    section(f"daily quota: {QUOTA_ALERT} and the dashboard's quota line")
+    full = renders.get("full-values.yaml")
+    if not full:
+        fail("quota checks skipped: the full render failed")
+        return
+    full_values = load_yaml(CI_DIR / "full-values.yaml")
+    defaults = chart.values
+
+    def attempt(msg: str, fn: Callable[[], bool | tuple[bool, str]]) -> None:
+        try:
+            result = fn()
+        except Exception as e:
+            fail(f"{msg}: {type(e).__name__}: {e}")
+            return
+        if isinstance(result, tuple):
+            check(result[0], msg, result[1])
+        else:
+            check(bool(result), msg)
+
+    def rendered(**values: Any) -> list[dict[str, Any]]:
+        merged: dict[str, Any] = {**CI_SECRETS, "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
+        for key, value in values.items():
+            merged[key] = {**merged.get(key, {}), **value}
+        return documents(render(chart, merged))
+
+    def sums_over_pods(expr: str) -> tuple[bool, str]:
+        # One token's quota is spent by every pod together: a sum of them all, not a max
+        # or a per-pod series.
+        summed = re.search(rf"\bsum\s*\(\s*{QUOTA_METRIC}\s*\{{", expr)
+        per_pod = re.search(r"\b(max|min|avg)\b|\bby\s*\([^)]*\bpod\b", expr)
+        return bool(summed) and not per_pod, expr
+
+    sel = 'namespace="crisp",job="crisp-bridge"'
+    attempt(f"full values: {QUOTA_ALERT} is the chart's own (no hand-written copy in additionalRules)",
+            lambda: (all(r.get("alert") != QUOTA_ALERT for r in full_values["prometheusRule"].get("additionalRules", [])), ""))
+    attempt(f"{QUOTA_ALERT} sums {QUOTA_METRIC} over the release's pods (sum(...), no max or by pod)",
+            lambda: sums_over_pods(quota_rule(full)["expr"]))
+    attempt(f"{QUOTA_ALERT} selects the release's series ({sel})",
+            lambda: (f"{QUOTA_METRIC}{{{sel}}}" in quota_rule(full)["expr"], quota_rule(full)["expr"]))
+    want = full_values["crisp"].get("dailyQuota", defaults["crisp"]["dailyQuota"]) * full_values["prometheusRule"]["quotaWarningRatio"]
+    attempt(f"full values: threshold is crisp.dailyQuota x prometheusRule.quotaWarningRatio (> {want:g})",
+            lambda: (quota_threshold(quota_rule(full)["expr"]) == want, quota_rule(full)["expr"]))
+    attempt(f"{QUOTA_ALERT} is a warning with the alertLabels and no `for` (the count only grows during a day)",
+            lambda: (quota_rule(full)["labels"] == {"severity": "warning", "team": "growth"} and "for" not in quota_rule(full),
+                     str(quota_rule(full))))
+
+    # Defaults (5000 x 0.8), a bigger quota, a ratio that is not exact in floats, a fraction.
+    for values, threshold in [({}, "4000"),
+                              ({"crisp": {"dailyQuota": 10000}}, "8000"),
+                              ({"crisp": {"dailyQuota": 10000}, "prometheusRule": {"quotaWarningRatio": 0.7}}, "7000"),
+                              ({"crisp": {"dailyQuota": 5001}, "prometheusRule": {"quotaWarningRatio": 0.85}}, "4250.85")]:
+        label = ", ".join(f"{k}.{kk}: {vv}" for k, v in values.items() for kk, vv in v.items()) or "default values"
+        attempt(f"{label}: {QUOTA_ALERT} renders `> {threshold}`",
+                lambda values=values, threshold=threshold: (quota_rule(rendered(**values))["expr"].endswith(f") > {threshold}"),
+                                                            quota_rule(rendered(**values))["expr"]))
+    custom = 'job=~"crisp-bridge|crisp-bridge-eu"'
+    attempt(f"prometheusRule.selector ({custom}) replaces the default selector in {QUOTA_ALERT}",
+            lambda: (f"{QUOTA_METRIC}{{{custom}}}" in quota_rule(rendered(prometheusRule={"selector": custom}))["expr"],
+                     quota_rule(rendered(prometheusRule={"selector": custom}))["expr"]))
+
+    def described() -> tuple[bool, str]:
+        ann = quota_rule(rendered(crisp={"dailyQuota": 10000}))["annotations"]
+        text = ann.get("summary", "") + " " + ann.get("description", "")
+        needs = {"the quota": "10000", "Prometheus' value": "{{ $value }}", "restarts under-count": "restarted",
+                 "other users of the token": "same token", "the selector to widen": "prometheusRule.selector",
+                 "messages wait": "wait in the queue", "the ratio": "80 %"}
+        missing = [k for k, v in needs.items() if v not in text]
+        return not missing, "missing " + ", ".join(missing)
+
+    attempt(f"{QUOTA_ALERT} says the quota, that messages wait, and where the sum is wrong (restarts, other users of the token)",
+            described)
+
+    def dashboard(docs: list[dict[str, Any]], quota: int) -> tuple[bool, str]:
+        text, targets = dashboard_quota_targets(docs)
+        line = [t for t in targets if t.get("legendFormat") == "daily quota"]
+        if "__DAILY_QUOTA__" in text:
+            return False, "placeholder __DAILY_QUOTA__ left in the JSON"
+        if len(line) != 1 or line[0].get("expr") != f"vector({quota})":
+            return False, f"quota targets {line}"
+        if len({t.get("refId") for t in targets}) != len(targets):
+            return False, "refIds repeat"
+        return True, ""
+
+    attempt("full values: the dashboard's requests-today panel has the target vector(5000) \"daily quota\", no placeholder left",
+            lambda: dashboard(full, 5000))
+    attempt("crisp.dailyQuota: 10000: the dashboard's quota target is vector(10000)",
+            lambda: dashboard(rendered(crisp={"dailyQuota": 10000}), 10000))
+    attempt("the dashboard's Grafana legends ({{outcome}}, {{pod}}) survive the substitution",
+            lambda: all(s in dashboard_quota_targets(full)[0] for s in ('"{{outcome}}"', '"{{pod}}"')))
 
 
 def step_generated() -> None:
@@ -857,6 +984,7 @@ def main() -> int:
                 step_kubernetes_validate(renders)
             step_behaviour(chart, renders)
             step_monitoring(renders)
+            step_quota(chart, renders)
     step_generated()
     elapsed = time.monotonic() - started
     print()

@@ -139,21 +139,34 @@ impl Session {
             max: MAX_RECONNECT_BACKOFF,
             jitter: Jitter::Equal,
         };
-        let mut attempt: u32 = 0;
+        // Full rounds of every URL without a connection: the backoff grows with them.
+        let mut rounds: u32 = 0;
+        // Which URL is next, counting round and round; a failed or lost connection moves
+        // on to the next node.
+        let mut turn: usize = 0;
+        let mut failed_in_round: usize = 0;
         while !shutdown.is_cancelled() {
             let connected = tokio::select! {
-                c = self.connect() => c,
+                c = self.connect(turn) => c,
                 _ = shutdown.cancelled() => break,
             };
-            let connection = match connected {
-                Ok(connection) => connection,
+            let (connection, node) = match connected {
+                Ok(connected) => connected,
                 Err(e) => {
                     metrics::broker_connect(false);
                     self.health.set_broker(false);
-                    let wait = reconnects.delay(attempt);
-                    attempt = attempt.saturating_add(1);
-                    // The error names the URL (its password masked) and the key it came from.
-                    tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ; retrying");
+                    turn = turn.wrapping_add(1);
+                    failed_in_round += 1;
+                    let nodes = self.config.amqp.current_urls().len().max(1);
+                    if failed_in_round < nodes {
+                        // The error names the node (its password masked) and the key.
+                        tracing::warn!(error = %e, "cannot connect to RabbitMQ; trying the next node");
+                        continue;
+                    }
+                    failed_in_round = 0;
+                    let wait = reconnects.delay(rounds);
+                    rounds = rounds.saturating_add(1);
+                    tracing::warn!(error = %e, attempt = rounds, nodes, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = shutdown.cancelled() => break,
@@ -161,7 +174,9 @@ impl Session {
                 }
             };
             metrics::broker_connect(true);
-            attempt = 0;
+            rounds = 0;
+            failed_in_round = 0;
+            tracing::info!(node = %node, "connected to RabbitMQ");
             self.health.set_broker(true);
             let end = self.consume(&connection, shutdown).await;
             self.health.set_broker(false);
@@ -173,7 +188,9 @@ impl Session {
                     return;
                 }
                 SessionEnd::BrokerLost(why) => {
-                    tracing::warn!(error = %why, "lost the broker connection; reconnecting (unacked messages return to the queue)")
+                    // The next node first: this one may be the one going away.
+                    turn = turn.wrapping_add(1);
+                    tracing::warn!(node = %node, error = %why, "lost the broker connection; reconnecting (unacked messages return to the queue)")
                 }
             }
         }
@@ -195,9 +212,9 @@ impl Session {
         *self.stopping_since.get_or_init(Instant::now)
     }
 
-    async fn connect(&self) -> Result<Connection, broker::ConnectError> {
+    async fn connect(&self, turn: usize) -> Result<(Connection, String), broker::ConnectError> {
         let amqp = &self.config.amqp;
-        let connection = broker::connect(amqp).await?;
+        let (connection, node) = broker::connect(amqp, turn).await?;
         if amqp.declare {
             let channel =
                 connection
@@ -210,7 +227,7 @@ impl Session {
             broker::declare_topology(&channel, amqp, &self.pipeline.router().patterns()).await?;
             let _ = channel.close(200, "topology declared".into()).await;
         }
-        Ok(connection)
+        Ok((connection, node))
     }
 
     /// Consumes on `connection` until shutdown or until the connection is lost. Holds

@@ -90,14 +90,27 @@ impl<T> Context<T> for Result<T, lapin::Error> {
     }
 }
 
-pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
+/// Connects to the `turn`-th of the configured URLs (counting round and round: the
+/// nodes of a cluster are tried in turn); returns the connection and the node's
+/// `host:port` for logs.
+pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, String), ConnectError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
     // Read again before each connection: a rotated `amqp.url_file` is picked up.
-    let url = amqp.current_url();
+    let urls = amqp.current_urls();
+    let url = match urls.len() {
+        0 => amqp.url.clone(),
+        n => urls[turn % n].clone(),
+    };
     // Parsed here, not by lapin, whose error would quote the URL whole.
-    let uri = config::parse_amqp_url(url.expose())
+    let mut uri = config::parse_amqp_url(url.expose())
         .map_err(|why| ConnectError::Url(bad_url_message(amqp, &why)))?;
+    if uri.query.heartbeat.is_none() {
+        // A `?heartbeat=` in the URL wins; lapin closes a connection whose peer stays
+        // silent for two heartbeats.
+        uri.query.heartbeat = Some(u16::try_from(amqp.heartbeat.as_secs()).unwrap_or(u16::MAX));
+    }
+    let node = format!("{}:{}", uri.authority.host, uri.authority.port);
     let context = || {
         format!(
             "connecting to RabbitMQ at {} (check {})",
@@ -137,7 +150,7 @@ pub async fn connect(amqp: &AmqpConfig) -> Result<Connection, ConnectError> {
     };
     // lapin records 0 ("no limit") as u32::MAX, which then keeps the default.
     FRAME_MAX.fetch_min(connection.configuration().frame_max(), Ordering::Relaxed);
-    Ok(connection)
+    Ok((connection, node))
 }
 
 /// What failed, where, and what to do, for a URL that does not parse; never the URL.
@@ -355,7 +368,7 @@ mod tests {
             url_file: Some(file.clone()),
             ..AmqpConfig::default()
         };
-        let text = match connect(&amqp).await {
+        let text = match connect(&amqp, 0).await {
             Err(e @ ConnectError::Url(_)) => format!("{e} {e:?}"),
             Err(e) => panic!("not a URL error: {e}"),
             Ok(_) => panic!("connected with a URL that does not parse"),

@@ -95,28 +95,55 @@ impl Config {
 }
 
 impl AmqpConfig {
-    /// The URL to connect with now: read again from `url_file` when set (a rotated
-    /// Secret), else `url`. A file that cannot be read now keeps the last URL.
+    /// The URL to connect with now: the first of [`AmqpConfig::current_urls`].
     pub fn current_url(&self) -> Secret {
-        let url = match &self.url_file {
-            None => self.url.clone(),
-            Some(path) => read_secret_file(path).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot read amqp.url_file; using the URL read before");
-                self.url.clone()
-            }),
+        let mut urls = self.current_urls();
+        if urls.is_empty() {
+            return self.url.clone();
+        }
+        urls.swap_remove(0)
+    }
+
+    /// The URLs to connect with now, in the order to try them: read again from
+    /// `url_file` when set (a rotated Secret; one URL per line, blank lines and `#`
+    /// comments skipped), else `urls`, else `url`. A file that cannot be read now keeps
+    /// the URL read before.
+    pub fn current_urls(&self) -> Vec<Secret> {
+        let urls = match &self.url_file {
+            Some(path) => match read_secret_file(path) {
+                Ok(text) => split_urls(text.expose()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read amqp.url_file; using the URL read before");
+                    vec![self.url.clone()]
+                }
+            },
+            None if !self.urls.is_empty() => self.urls.clone(),
+            None => vec![self.url.clone()],
         };
-        // Before anything can fail on it: an error quoting it must not show its password.
-        redact::remember_url(url.expose());
-        url
+        // Before anything can fail on them: an error quoting one must not show its password.
+        for url in &urls {
+            redact::remember_url(url.expose());
+        }
+        urls
     }
 
     /// The config key the URL comes from, for errors: `amqp.url_file (PATH)` or `amqp.url`.
     pub fn url_key(&self) -> String {
         match &self.url_file {
             Some(path) => format!("amqp.url_file ({})", path.display()),
+            None if !self.urls.is_empty() => "amqp.urls".to_owned(),
             None => "amqp.url (or CRISP_BRIDGE_AMQP__URL)".to_owned(),
         }
     }
+}
+
+/// The URLs of a `url_file`: one per line; blank lines and `#` comments skipped.
+pub fn split_urls(text: &str) -> Vec<Secret> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(Secret::new)
+        .collect()
 }
 
 /// What an AMQP URL must look like, for errors.
@@ -279,8 +306,11 @@ pub enum QueueType {
 pub struct AmqpConfig {
     /// AMQP URL, password included; usually from `CRISP_BRIDGE_AMQP__URL`. Never logged.
     pub url: Secret,
-    /// File holding the AMQP URL (a mounted Secret), read at start and before each
-    /// reconnect; excludes `url`. Relative to the config file.
+    /// The nodes of one cluster, tried in turn after a failed or lost connection; when
+    /// not empty it is used instead of `url`. Never logged.
+    pub urls: Vec<Secret>,
+    /// File holding the AMQP URL, or one URL per line (a mounted Secret), read at start and
+    /// before each reconnect; excludes `url` and `urls`. Relative to the config file.
     pub url_file: Option<PathBuf>,
     /// Topic exchange the rules' routing keys bind to.
     pub exchange: String,
@@ -304,6 +334,11 @@ pub struct AmqpConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub consumer_timeout: Duration,
+    /// AMQP heartbeat asked of the broker: a node that goes silent (rather than closing
+    /// the connection) is noticed within two of them. `0s` turns heartbeats off.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub heartbeat: Duration,
     /// Largest message body handled; a larger one is dead-lettered `too_large` without
     /// being parsed (memory stays bounded whatever publishers send).
     pub max_message_bytes: usize,
@@ -344,6 +379,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            urls: Vec::new(),
             url_file: None,
             exchange: "domain-events".into(),
             queue: "crisp-bridge".into(),
@@ -354,6 +390,7 @@ impl Default for AmqpConfig {
             dead_letter_queue: "crisp-bridge.dead".into(),
             delivery_limit: 20,
             consumer_timeout: Duration::from_secs(30 * 60),
+            heartbeat: Duration::from_secs(10),
             max_message_bytes: 1024 * 1024,
             tls: None,
         }

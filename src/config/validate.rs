@@ -70,8 +70,15 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
     let mut bad = |key: &str, message: String| problems.push(Problem::global(key, message));
 
     let amqp = &config.amqp;
-    let url = amqp.url.expose();
-    super::redact::remember_url(url);
+    // The file may hold several URLs, one per line: each is checked.
+    let urls = match &amqp.url_file {
+        Some(_) => super::split_urls(amqp.url.expose()),
+        None if !amqp.urls.is_empty() => amqp.urls.clone(),
+        None => vec![amqp.url.clone()],
+    };
+    for url in &urls {
+        super::redact::remember_url(url.expose());
+    }
     for secret in [&config.crisp.identifier, &config.crisp.key]
         .into_iter()
         .flatten()
@@ -79,38 +86,77 @@ pub fn validate(mut config: Config) -> Result<Validated, Vec<Problem>> {
         super::redact::remember(secret.expose());
     }
     // The URL may have come from its file, which is then the key to fix.
-    let url_key = if amqp.url_file.is_some() {
-        "amqp.url_file"
-    } else {
-        "amqp.url"
+    let url_key = match (&amqp.url_file, amqp.urls.is_empty()) {
+        (Some(_), _) => "amqp.url_file",
+        (None, false) => "amqp.urls",
+        (None, true) => "amqp.url",
     };
     let where_set = match &amqp.url_file {
         Some(path) => format!("the URL in {}", path.display()),
         None => "set it with CRISP_BRIDGE_AMQP__URL".to_owned(),
     };
-    // Never echo the URL: it holds the password.
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+    if amqp.url_file.is_some() && !amqp.urls.is_empty() {
         bad(
-            url_key,
-            format!(
-                "must start with amqp:// or amqps:// ({where_set}); write it as {}",
-                super::AMQP_URL_FORM
-            ),
+            "amqp.urls",
+            "is set with amqp.url_file; use one: the file may hold one URL per line".into(),
         );
-    } else if let Err(why) = super::parse_amqp_url(url) {
+    }
+    if urls.is_empty() {
         bad(
             url_key,
             format!(
-                "does not parse as an AMQP URL: {why} ({where_set}); write it as {}",
+                "holds no URL; write one per line as {}",
                 super::AMQP_URL_FORM
             ),
         );
     }
+    for (i, url) in urls.iter().enumerate() {
+        let url = url.expose();
+        let which = if urls.len() > 1 {
+            format!("URL {} of {}", i + 1, urls.len())
+        } else {
+            "the URL".to_owned()
+        };
+        // Never echo the URL: it holds the password.
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            bad(
+                url_key,
+                format!(
+                    "{which} must start with amqp:// or amqps:// ({where_set}); write it as {}",
+                    super::AMQP_URL_FORM
+                ),
+            );
+        } else if let Err(why) = super::parse_amqp_url(url) {
+            bad(
+                url_key,
+                format!(
+                    "{which} does not parse as an AMQP URL: {why} ({where_set}); write it as {}",
+                    super::AMQP_URL_FORM
+                ),
+            );
+        }
+    }
+    let tls_urls = urls
+        .iter()
+        .filter(|u| u.expose().starts_with("amqps://"))
+        .count();
+    if tls_urls > 0 && tls_urls < urls.len() {
+        bad(
+            url_key,
+            "mixes amqp:// and amqps:// URLs; the nodes of one cluster speak one or the other: use amqps:// for all".into(),
+        );
+    }
+    if amqp.heartbeat > std::time::Duration::from_secs(u64::from(u16::MAX)) {
+        bad(
+            "amqp.heartbeat",
+            "is longer than AMQP allows (65535 s); use something like \"10s\"".into(),
+        );
+    }
     if let Some(tls) = &amqp.tls {
-        if url.starts_with("amqp://") {
+        if tls_urls < urls.len() {
             bad(
                 "amqp.tls",
-                "is set but amqp.url starts with amqp://, which never uses TLS; use amqps:// (port 5671 usually) or remove [amqp.tls]".into(),
+                format!("is set but {url_key} starts with amqp://, which never uses TLS; use amqps:// (port 5671 usually) or remove [amqp.tls]"),
             );
         }
         match (tls.cert(), tls.key()) {
@@ -655,5 +701,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("delivery.max_backoff"), "{err}");
+    }
+
+    #[test]
+    fn several_urls_are_each_checked_and_may_not_mix_tls() {
+        let problems = |amqp: &str| {
+            let cfg = from_toml_str(&(OK.to_owned() + amqp)).unwrap();
+            validate(cfg)
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let ok = problems(
+            "[amqp]\nurls = [\"amqp://u:p@rabbit-0:5672/%2f\", \"amqp://u:p@rabbit-1:5672/%2f\"]\n",
+        );
+        assert_eq!(ok, "");
+        let mixed = problems(
+            "[amqp]\nurls = [\"amqp://u:p@rabbit-0:5672/%2f\", \"amqps://u:p@rabbit-1:5671/%2f\"]\n",
+        );
+        assert!(
+            mixed.contains("amqp.urls: mixes amqp:// and amqps://"),
+            "{mixed}"
+        );
+        let bad = problems("[amqp]\nurls = [\"amqp://u:s3cr3t@rabbit-0:5672/%2f\", \"nope\"]\n");
+        assert!(bad.contains("URL 2 of 2 must start with amqp://"), "{bad}");
+        assert!(!bad.contains("s3cr3t"), "{bad}");
+    }
+
+    #[test]
+    fn a_url_file_holds_one_url_per_line() {
+        let urls = crate::config::split_urls(
+            "# the cluster\namqp://a:b@rabbit-0/%2f\n\n  amqp://a:b@rabbit-1/%2f  \n",
+        );
+        let urls: Vec<&str> = urls.iter().map(|u| u.expose()).collect();
+        assert_eq!(urls, ["amqp://a:b@rabbit-0/%2f", "amqp://a:b@rabbit-1/%2f"]);
     }
 }

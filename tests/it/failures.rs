@@ -396,3 +396,54 @@ async fn a_redelivered_message_id_is_not_posted_twice() {
         "the duplicate was acked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_node_is_tried_when_one_is_down() {
+    // Three nodes: the first refuses connections, the other two (proxies to the broker)
+    // work. The bridge starts on the second; when that node dies it moves to the third.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let second = ChaosProxy::start(broker_addr().await).await;
+    let third = ChaosProxy::start(broker_addr().await).await;
+    let urls = [
+        amqp_url_via(dead).await,
+        amqp_url_via(second.addr).await,
+        amqp_url_via(third.addr).await,
+    ];
+    let mut app = TestApp::builder("three-nodes")
+        .sandbox(auto_profiles())
+        .config(&format!(
+            "[amqp]\nurls = [\"{}\", \"{}\", \"{}\"]",
+            urls[0], urls[1], urls[2]
+        ))
+        .start()
+        .await;
+    app.publish("trial.started", TRIAL).await;
+    app.events(1).await;
+    let died = Instant::now();
+    drop(second);
+    app.publish(
+        "trial.started",
+        br#"{"email":"after@b.io","phase":"started"}"#,
+    )
+    .await;
+    let state = app.sandbox.state.clone();
+    eventually("the event published after the node died", || {
+        let events = state.events();
+        async move {
+            events
+                .iter()
+                .any(|e| e.people_id == "after@b.io")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        died.elapsed() < Duration::from_secs(10),
+        "consuming again {:?} after its node died",
+        died.elapsed()
+    );
+    app.stop_with_empty_queues().await;
+}
