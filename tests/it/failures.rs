@@ -5,7 +5,7 @@ use crisp_bridge_testkit::{
     amqp_url_via, auto_profiles, broker_addr, eventually, header, Proxy, TestApp, TRIAL,
 };
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn fault(status: u16, times: u32) -> Fault {
     Fault {
@@ -405,8 +405,8 @@ async fn the_next_node_is_tried_when_one_is_down() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let second = ChaosProxy::start(broker_addr().await).await;
-    let third = ChaosProxy::start(broker_addr().await).await;
+    let second = Proxy::start(broker_addr().await).await;
+    let third = Proxy::start(broker_addr().await).await;
     let urls = [
         amqp_url_via(dead).await,
         amqp_url_via(second.addr).await,
