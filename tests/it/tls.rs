@@ -4,10 +4,9 @@
 //! port, where the test publishes and counts messages.
 
 use crisp_bridge::sandbox::{Sandbox, SandboxOptions};
-use crisp_bridge_testkit::{delete_topology_at, eventually, free_port, Bridge, Names, TestConfig};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use crisp_bridge_testkit::{
+    delete_topology_at, eventually, free_port, Bridge, BrokerClient, Names, TestConfig,
+};
 use std::path::{Path, PathBuf};
 
 /// What scripts/ensure-rabbitmq-tls.sh exported.
@@ -43,8 +42,8 @@ pub struct Setup {
     names: Names,
     pub sandbox: Sandbox,
     plain_url: String,
-    channel: Channel,
-    _connection: Connection,
+    /// On the node's plain port.
+    broker: BrokerClient,
     pub dir: PathBuf,
     config: PathBuf,
 }
@@ -91,23 +90,15 @@ impl Setup {
         // Only the rules: the TLS files are installed after this, on purpose at times.
         let router =
             crisp_bridge::route::Router::compile_in(&parsed.rules, &dir).expect("rules compile");
-        let connection = Connection::connect(plain_url, ConnectionProperties::default())
-            .await
-            .expect("test connection to the TLS node's plain port");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(Default::default())
-            .await
-            .expect("confirms");
-        crisp_bridge::broker::declare_topology(&channel, &parsed.amqp, &router.patterns())
+        let broker = BrokerClient::connect_to(plain_url).await;
+        crisp_bridge::broker::declare_topology(&broker.channel, &parsed.amqp, &router.patterns())
             .await
             .expect("declare topology");
         Self {
             names,
             sandbox,
             plain_url: plain_url.to_owned(),
-            channel,
-            _connection: connection,
+            broker,
             dir,
             config,
         }
@@ -126,39 +117,19 @@ impl Setup {
             let body =
                 serde_json::json!({"email": format!("tls{i}@example.com"), "phase": "started"})
                     .to_string();
-            let confirm = self
-                .channel
-                .basic_publish(
-                    self.names.exchange.as_str().into(),
-                    "trial.started".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
+            self.broker
+                .publish(
+                    &self.names.exchange,
+                    "trial.started",
                     body.as_bytes(),
                     Default::default(),
                 )
-                .await
-                .expect("publish")
-                .await
-                .expect("confirm");
-            assert!(confirm.is_ack() && confirm.take_message().is_none());
+                .await;
         }
     }
 
     async fn ready(&self) -> u32 {
-        self.channel
-            .queue_declare(
-                self.names.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive declare")
-            .message_count()
+        self.broker.ready(&self.names.queue).await
     }
 
     pub async fn all_delivered(&self, n: usize) {
