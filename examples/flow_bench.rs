@@ -71,18 +71,19 @@ async fn main() {
         20_000
     };
     let people = 1_000;
-    let mut paths = Vec::new();
-    for _ in 0..pods {
-        let port = free_port();
-        let path = write_config(
+    // Each pod's admin port is taken just before it starts: one reserved earlier could be
+    // handed to another pod's outgoing connection meanwhile.
+    let config_for = |port: u16| {
+        write_config(
             &names,
             &url,
             &sandbox.api_url(),
             port,
             "concurrency = 32\ndedup_window = \"10m\"\nmax_retry_time = \"5m\"",
-        );
-        paths.push((path, port));
-    }
+        )
+    };
+    let first_port = free_port();
+    let mut paths = vec![(config_for(first_port), first_port)];
     publisher.declare(&paths[0].0).await;
     for seq in 0..n {
         publisher
@@ -96,9 +97,14 @@ async fn main() {
     let started = Instant::now();
     let started_ms = now_ms();
     let mut bridges = Vec::new();
-    for (k, (path, port)) in paths.iter().enumerate() {
+    for k in 0..pods {
         let joins = started + Duration::from_secs(join_every * k as u64);
         tokio::time::sleep_until(joins.into()).await;
+        if k > 0 {
+            let port = free_port();
+            paths.push((config_for(port), port));
+        }
+        let (path, port) = &paths[k];
         bridges.push(Bridge::spawn(&bin, path, *port).await);
     }
 
