@@ -61,7 +61,8 @@ async fn main() {
         20_000
     };
     let people = 1_000;
-    // Every pod reads the same file; each has its own admin port.
+    // Every pod reads the same file; each has its own admin port, taken just before it
+    // starts (one reserved earlier could be handed to another pod's outgoing connection).
     let config = TestConfig::load(&url, &names, &sandbox.api_url(), 256)
         .layer("[delivery]\nconcurrency = 32\ndedup_window = \"10m\"\nmax_retry_time = \"5m\"")
         .write_temp();
