@@ -180,14 +180,7 @@ pub async fn declare_topology(
     amqp: &AmqpConfig,
     patterns: &[&str],
 ) -> Result<(), BrokerError> {
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let (durable_exchange, durable_queue) = durable();
     channel
         .exchange_declare(
             amqp.exchange.as_str().into(),
@@ -238,14 +231,7 @@ pub async fn declare_dead_letter_topology(
     channel: &Channel,
     amqp: &AmqpConfig,
 ) -> Result<(), BrokerError> {
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let (durable_exchange, durable_queue) = durable();
     channel
         .exchange_declare(
             amqp.dead_letter_exchange.as_str().into(),
@@ -284,6 +270,20 @@ pub async fn declare_dead_letter_topology(
             )
         })?;
     Ok(())
+}
+
+/// Everything we declare survives a broker restart.
+fn durable() -> (ExchangeDeclareOptions, QueueDeclareOptions) {
+    (
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+    )
 }
 
 fn queue_type_args(queue_type: QueueType) -> FieldTable {
