@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bridge against the floor consumer ( the README's performance table): release
+# Bridge against the floor consumer (the README's performance table): release
 # build, then three runs (order alternating), medians. Extra arguments go to examples/perf.rs,
 # e.g. `scripts/perf.sh --messages 100000`.
 set -euo pipefail
