@@ -19,9 +19,12 @@ WORKDIR /build
 # targets are missing, so every target it names gets a placeholder too (the bench
 # one stays: the image never builds it, but cargo parses it on every build).
 COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir -p src benches \
+# The test kit is a workspace member: cargo reads its manifest (it never builds it here).
+COPY testkit/Cargo.toml testkit/
+RUN mkdir -p src benches testkit/src \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/route.rs \
+    && touch testkit/src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 
