@@ -24,12 +24,16 @@ const BELOW_GROWTH: f64 = 2.0;
 const ABOVE_GROWTH: f64 = 3.0;
 /// Beyond this multiple of the last limit the learned rate is forgotten.
 const FORGET_ABOVE: f64 = 64.0;
-/// Before Crisp first limits us, the rate starts here and doubles every
-/// [`SLOW_START_DOUBLING`] of saturated sending, as TCP's slow start does: a pod started
-/// cold on a backlog, or joining pods already at Crisp's limit, does not open with a
-/// burst that Crisp answers with a storm of 429s.
+/// Before Crisp first limits us, the rate starts here and grows with each accepted
+/// request by the inverse of its round trip (at most doubling it), as TCP's slow start
+/// grows its window per acknowledgement: the rate doubles once per round trip, so a pod
+/// started cold on a backlog, or joining pods already at Crisp's limit, does not open with
+/// a burst that Crisp answers with a storm of 429s, and it overshoots a limit by at most
+/// one round trip's worth; a Crisp answering in a millisecond is unpaced within a few
+/// dozen requests.
 pub(super) const SLOW_START_RATE: f64 = 10.0;
-const SLOW_START_DOUBLING: f64 = 0.1;
+/// Round trips shorter than this count as this long (one answer adds at most 1,000/s).
+const SLOW_START_MIN_RTT: Duration = Duration::from_millis(1);
 /// A slow start that gets this far without a 429 ends: no pacing at all (only the
 /// concurrency limit), as before any limit is known.
 const SLOW_START_EXIT: f64 = 10_000.0;
@@ -95,7 +99,7 @@ pub(super) struct Pacing {
     /// Crisp's `Retry-After`, for every request of the pod.
     pub(super) paused_until: Instant,
     sent: Window,
-    pub(super) accepted: Window,
+    accepted: Window,
 }
 
 impl Pacing {
@@ -183,16 +187,27 @@ impl Pacing {
         Ok(now)
     }
 
+    /// Crisp accepted a request sent at `sent_at`.
+    pub(super) fn accepted(&mut self, sent_at: Instant, now: Instant) {
+        self.accepted.push(now);
+        let Some(rate) = self.learned.filter(|_| self.slow_start) else {
+            return;
+        };
+        let rtt = now.duration_since(sent_at).max(SLOW_START_MIN_RTT);
+        let grown = rate + (1.0 / rtt.as_secs_f64()).min(rate);
+        if grown > SLOW_START_EXIT {
+            self.learned = None;
+            self.slow_start = false;
+            metrics::request_rate_limit(0.0);
+        } else {
+            self.learned = Some(self.ceiling.map_or(grown, |c| grown.min(c)));
+        }
+    }
+
     fn grow(&mut self, secs: f64) {
         let Some(rate) = self.learned else { return };
         if self.slow_start {
-            let grown = rate * 2f64.powf(secs / SLOW_START_DOUBLING);
-            if grown > SLOW_START_EXIT {
-                self.learned = None;
-                self.slow_start = false;
-            } else {
-                self.learned = Some(self.ceiling.map_or(grown, |c| grown.min(c)));
-            }
+            // It grows with the answers (`accepted`), not with time.
             return;
         }
         let limit = self.last_limit;
@@ -253,5 +268,61 @@ impl Pacing {
                 .max(now + Duration::from_secs_f64(1.0 / rate));
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slow_start_doubles_once_per_round_trip() {
+        let mut pacing = Pacing::new(0.0);
+        let t0 = Instant::now();
+        // 100 ms round trips: each answer adds 10/s, so one round trip's answers at a
+        // rate r (r / 10 of them) double it.
+        let rtt = Duration::from_millis(100);
+        pacing.accepted(t0, t0 + rtt);
+        assert_eq!(pacing.rate(), Some(20.0));
+        pacing.accepted(t0, t0 + rtt);
+        assert_eq!(pacing.rate(), Some(30.0));
+        // Answers in under a millisecond: a doubling each while that adds under
+        // 1,000/s, then 1,000/s each, and unpaced past 10,000/s.
+        let mut pacing = Pacing::new(0.0);
+        for n in 1..=6 {
+            pacing.accepted(t0, t0);
+            assert_eq!(
+                pacing.rate(),
+                Some(SLOW_START_RATE * 2f64.powi(n)),
+                "answer {n}"
+            );
+        }
+        for _ in 0..9 {
+            pacing.accepted(t0, t0);
+        }
+        assert_eq!(pacing.rate(), Some(9280.0));
+        pacing.accepted(t0, t0);
+        assert_eq!(pacing.rate(), None, "past 10,000/s the slow start ends");
+        assert!(!pacing.throttled());
+    }
+
+    #[test]
+    fn the_slow_start_stays_under_the_ceiling_and_ends_at_the_first_cut() {
+        let mut pacing = Pacing::new(25.0);
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            pacing.accepted(t0, t0);
+        }
+        assert_eq!(pacing.rate(), Some(25.0));
+        let mut pacing = Pacing::new(0.0);
+        pacing.accepted(t0, t0);
+        assert!(pacing.cut(t0, t0 + Duration::from_millis(1)));
+        let after_cut = pacing.rate();
+        pacing.accepted(t0, t0 + Duration::from_millis(2));
+        assert_eq!(
+            pacing.rate(),
+            after_cut,
+            "answers no longer grow a learned rate"
+        );
     }
 }

@@ -658,7 +658,7 @@ impl Flow {
     pub fn succeeded(&self, mut permit: Permit<'_>) {
         self.limit.on_success();
         self.accepted.fetch_add(1, Ordering::Relaxed);
-        self.lock().accepted.push(Instant::now());
+        self.lock().accepted(permit.sent_at, Instant::now());
         self.answered_on(&mut permit);
     }
 
