@@ -24,15 +24,18 @@ const BELOW_GROWTH: f64 = 2.0;
 const ABOVE_GROWTH: f64 = 3.0;
 /// Beyond this multiple of the last limit the learned rate is forgotten.
 const FORGET_ABOVE: f64 = 64.0;
-/// Before Crisp first limits us, the rate starts here and grows with each accepted
-/// request by the inverse of its round trip (at most doubling it), as TCP's slow start
-/// grows its window per acknowledgement: the rate doubles once per round trip, so a pod
-/// started cold on a backlog, or joining pods already at Crisp's limit, does not open with
-/// a burst that Crisp answers with a storm of 429s, and it overshoots a limit by at most
-/// one round trip's worth; a Crisp answering in a millisecond is unpaced within a few
-/// dozen requests.
+/// Before Crisp first limits us, the rate starts here and grows by [`SLOW_START_GROWTH`]
+/// per round trip of saturated sending, as TCP's slow start grows per acknowledgement:
+/// a pod started cold on a backlog, or joining pods already at Crisp's limit, does not
+/// open with a burst that Crisp answers with a storm of 429s, and what it sends in the
+/// round trip before the first 429 reaches it (the refusals it cannot avoid) is a small
+/// share of the limit. A Crisp answering in a millisecond is unpaced after a few answers.
 pub(super) const SLOW_START_RATE: f64 = 10.0;
-/// Round trips shorter than this count as this long (one answer adds at most 1,000/s).
+/// Growth per round trip in the slow start, as a fraction of the rate: the refusals of the
+/// round trip before the first 429 are about `g / (1 + g)` of what the limit admits at
+/// once (a token bucket's burst), so a doubling (g = 1) costs half of it.
+const SLOW_START_GROWTH: f64 = 0.25;
+/// Round trips shorter than this count as this long.
 const SLOW_START_MIN_RTT: Duration = Duration::from_millis(1);
 /// A slow start that gets this far without a 429 ends: no pacing at all (only the
 /// concurrency limit), as before any limit is known.
@@ -95,6 +98,8 @@ pub(super) struct Pacing {
     last_limit: f64,
     last_cut: Option<Instant>,
     last_claim: Instant,
+    /// When the slow start last heard an accepted answer.
+    last_answer: Instant,
     next_slot: Instant,
     /// Crisp's `Retry-After`, for every request of the pod.
     pub(super) paused_until: Instant,
@@ -112,6 +117,7 @@ impl Pacing {
             last_limit: 0.0,
             last_cut: None,
             last_claim: now,
+            last_answer: now,
             next_slot: now,
             paused_until: now,
             sent: Window::default(),
@@ -194,7 +200,14 @@ impl Pacing {
             return;
         };
         let rtt = now.duration_since(sent_at).max(SLOW_START_MIN_RTT);
-        let grown = rate + (1.0 / rtt.as_secs_f64()).min(rate);
+        // The time since the last answer, as long as answers came at about the paced
+        // rate (an idle spell is not saturated sending), in round trips.
+        let since = now
+            .duration_since(self.last_answer)
+            .min(Duration::from_secs_f64(2.0 / rate));
+        self.last_answer = now;
+        let round_trips = (since.as_secs_f64() / rtt.as_secs_f64()).min(64.0);
+        let grown = rate * (1.0 + SLOW_START_GROWTH).powf(round_trips);
         if grown > SLOW_START_EXIT {
             self.learned = None;
             self.slow_start = false;
@@ -276,32 +289,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_slow_start_doubles_once_per_round_trip() {
+    fn the_slow_start_grows_by_a_quarter_per_round_trip() {
         let mut pacing = Pacing::new(0.0);
-        let t0 = Instant::now();
-        // 100 ms round trips: each answer adds 10/s, so one round trip's answers at a
-        // rate r (r / 10 of them) double it.
-        let rtt = Duration::from_millis(100);
-        pacing.accepted(t0, t0 + rtt);
-        assert_eq!(pacing.rate(), Some(20.0));
-        pacing.accepted(t0, t0 + rtt);
-        assert_eq!(pacing.rate(), Some(30.0));
-        // Answers in under a millisecond: a doubling each while that adds under
-        // 1,000/s, then 1,000/s each, and unpaced past 10,000/s.
+        let t0 = pacing.last_answer;
+        let ms = Duration::from_millis;
+        // 100 ms round trips, answers 100 ms apart (the paced rate, 10/s): a quarter each.
+        pacing.accepted(t0, t0 + ms(100));
+        assert_eq!(pacing.rate(), Some(12.5));
+        pacing.accepted(t0 + ms(100), t0 + ms(200));
+        assert_eq!(pacing.rate(), Some(15.625));
+        // Answers closer together count for their share of a round trip.
+        pacing.accepted(t0 + ms(150), t0 + ms(250));
+        let expected = 15.625 * 1.25f64.powf(0.5);
+        assert!((pacing.rate().unwrap() - expected).abs() < 1e-9);
+        // An idle spell counts as two paced intervals at most.
+        pacing.accepted(t0 + ms(60_000), t0 + ms(60_100));
+        let expected = expected * 1.25f64.powf(2.0 / expected / 0.1);
+        assert!((pacing.rate().unwrap() - expected).abs() < 1e-6);
+        // A Crisp answering at once: unpaced at the first answer after a paced interval.
         let mut pacing = Pacing::new(0.0);
-        for n in 1..=6 {
-            pacing.accepted(t0, t0);
-            assert_eq!(
-                pacing.rate(),
-                Some(SLOW_START_RATE * 2f64.powi(n)),
-                "answer {n}"
-            );
-        }
-        for _ in 0..9 {
-            pacing.accepted(t0, t0);
-        }
-        assert_eq!(pacing.rate(), Some(9280.0));
-        pacing.accepted(t0, t0);
+        let t0 = pacing.last_answer;
+        pacing.accepted(t0 + ms(100), t0 + ms(100));
         assert_eq!(pacing.rate(), None, "past 10,000/s the slow start ends");
         assert!(!pacing.throttled());
     }
@@ -309,13 +317,14 @@ mod tests {
     #[test]
     fn the_slow_start_stays_under_the_ceiling_and_ends_at_the_first_cut() {
         let mut pacing = Pacing::new(25.0);
-        let t0 = Instant::now();
-        for _ in 0..5 {
-            pacing.accepted(t0, t0);
+        let t0 = pacing.last_answer;
+        let ms = Duration::from_millis;
+        for n in 1..=20 {
+            pacing.accepted(t0 + ms(100 * n - 100), t0 + ms(100 * n));
         }
         assert_eq!(pacing.rate(), Some(25.0));
         let mut pacing = Pacing::new(0.0);
-        pacing.accepted(t0, t0);
+        pacing.accepted(t0, t0 + ms(100));
         assert!(pacing.cut(t0, t0 + Duration::from_millis(1)));
         let after_cut = pacing.rate();
         pacing.accepted(t0, t0 + Duration::from_millis(2));

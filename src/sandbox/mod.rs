@@ -6,7 +6,7 @@
 
 mod control;
 mod crisp_routes;
-mod limiter;
+pub(crate) mod limiter;
 mod raw;
 mod tls;
 

@@ -810,4 +810,6 @@ impl Flow {
 }
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
