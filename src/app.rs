@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 /// Longest wait for the broker to answer a close; the process exits regardless.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest wait for admin connections to close at shutdown (a stuck tap reader).
+const ADMIN_STOP_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// Longest wait between two broker connection attempts.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -92,7 +95,7 @@ impl App {
                     }
                 }
             });
-            let router = admin::router(Arc::clone(&self.health), handle);
+            let router = admin::router(Arc::clone(&self.health), handle, self.pipeline.tap());
             let stop = admin_stop.clone();
             let listener = self.admin;
             tokio::spawn(async move {
@@ -108,9 +111,20 @@ impl App {
             stopping_since: OnceLock::new(),
         };
         session.run(&shutdown).await;
+        // Tap streams end here; one whose reader stopped reading cannot finish sending,
+        // so the admin server gets a bounded wait.
+        self.pipeline.tap().close();
         admin_stop.cancel();
-        if let Ok(Err(e)) = admin.await {
-            tracing::warn!(error = %e, "admin server stopped with an error");
+        let admin_abort = admin.abort_handle();
+        match tokio::time::timeout(ADMIN_STOP_TIMEOUT, admin).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin server stopped with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                admin_abort.abort();
+                tracing::info!(
+                    "closed admin connections still open (a tap reader that stopped reading?)"
+                );
+            }
         }
         tracing::info!("stopped cleanly");
         Ok(())
