@@ -7,6 +7,7 @@ use crate::config::{Config, Validated};
 use crate::crisp::CrispClient;
 use crate::pipeline::{Backoff, Jitter, Pipeline, PipelineSettings};
 use crate::telemetry::metrics;
+use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
 use lapin::{Connection, Consumer};
@@ -20,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest wait for the broker to answer a close; the process exits regardless.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Send buffer of each admin connection (the kernel doubles it for its bookkeeping).
+const ADMIN_SEND_BUFFER: usize = 64 * 1024;
 
 /// Longest wait for admin connections to close at shutdown (a stuck tap reader).
 const ADMIN_STOP_TIMEOUT: Duration = Duration::from_millis(250);
@@ -97,7 +101,12 @@ impl App {
             });
             let router = admin::router(Arc::clone(&self.health), handle, self.pipeline.tap());
             let stop = admin_stop.clone();
-            let listener = self.admin;
+            // A fixed send buffer per admin connection: the kernel would otherwise grow it
+            // to `net.ipv4.tcp_wmem`'s maximum (4 MiB) for a `/tap` reader that stopped
+            // reading.
+            let listener = self.admin.tap_io(|tcp| {
+                let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(ADMIN_SEND_BUFFER);
+            });
             tokio::spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move { stop.cancelled().await })

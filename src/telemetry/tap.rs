@@ -105,9 +105,11 @@ impl Filter {
                     }
                     &mut filter.outcomes
                 }
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "unknown parameter `{other}`; use rule=NAME and outcome=OUTCOME (repeatable)"
-                )),
+                ))
+                }
             };
             if list.len() >= MAX_FILTER_VALUES {
                 return Err(format!("more than {MAX_FILTER_VALUES} `{key}` values"));

@@ -305,6 +305,10 @@ async fn a_reader_that_stops_reading_never_slows_delivery() {
         .await;
         dropped = metric(&scrape(&app).await, DROPPED, "").unwrap();
     }
+    eprintln!(
+        "{published} messages delivered with a stuck tap reader; {} tap lines dropped",
+        dropped - before
+    );
     assert_eq!(app.sandbox.state.event_count(), published as usize);
     // Stopping does not wait for the stuck reader either.
     tokio::time::timeout(Duration::from_secs(10), app.stop_with_empty_queues())
