@@ -763,3 +763,27 @@ async fn watch_signals(shutdown: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_url_comes_from_the_flag_or_server_listen() {
+        let url = |admin: &str| admin_url(None, Some(admin.to_owned())).unwrap();
+        assert_eq!(url("http://10.0.0.5:9464/"), "http://10.0.0.5:9464");
+        assert_eq!(url("127.0.0.1:9000"), "http://127.0.0.1:9000");
+        assert_eq!(url("0.0.0.0:9464"), "http://127.0.0.1:9464");
+        assert_eq!(url("[::]:9464"), "http://[::1]:9464");
+        assert_eq!(url("bridge.local:9464"), "http://bridge.local:9464");
+        let dir = std::env::temp_dir().join(format!("tap-url-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[server]\nlisten = \"0.0.0.0:9555\"\n").unwrap();
+        assert_eq!(
+            admin_url(Some(file.clone()), None).unwrap(),
+            "http://127.0.0.1:9555"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
