@@ -1,7 +1,9 @@
-//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/tap`.
 
 use crate::pipeline::{Flow, FlowState};
-use axum::extract::State;
+use crate::telemetry::tap::{self, Filter, Tap};
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -59,14 +61,57 @@ impl Health {
 struct AdminState {
     health: Arc<Health>,
     metrics: PrometheusHandle,
+    tap: Arc<Tap>,
 }
 
-pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+pub fn router(health: Arc<Health>, metrics: PrometheusHandle, tap: Arc<Tap>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AdminState { health, metrics })
+        .route("/tap", get(stream_tap))
+        .with_state(AdminState {
+            health,
+            metrics,
+            tap,
+        })
+}
+
+/// `GET /tap?rule=NAME&outcome=OUTCOME` (each repeatable): one JSON line per message
+/// decision, as they happen, until the client goes or the bridge stops. A client too
+/// slow for them loses lines (counted), never delays a message.
+async fn stream_tap(
+    State(state): State<AdminState>,
+    RawQuery(query): RawQuery,
+) -> axum::response::Response {
+    let filter = match Filter::parse(query.as_deref().unwrap_or("")) {
+        Ok(filter) => filter,
+        Err(why) => {
+            return (StatusCode::BAD_REQUEST, format!("bad /tap filter: {why}\n")).into_response()
+        }
+    };
+    let Some(lines) = state.tap.subscribe(filter) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} tap subscribers listen already (the most at once); try again later\n",
+                tap::MAX_SUBSCRIBERS
+            ),
+        )
+            .into_response();
+    };
+    let stream = futures_util::stream::unfold(lines, |mut lines| async move {
+        let line = lines.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(line), lines))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

@@ -7,6 +7,7 @@ use crate::config::{Config, Validated};
 use crate::crisp::CrispClient;
 use crate::pipeline::{Backoff, Jitter, Pipeline, PipelineSettings};
 use crate::telemetry::metrics;
+use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
 use lapin::{Connection, Consumer};
@@ -20,6 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest wait for the broker to answer a close; the process exits regardless.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Send buffer of each admin connection (the kernel doubles it for its bookkeeping).
+const ADMIN_SEND_BUFFER: usize = 64 * 1024;
+
+/// Longest wait for admin connections to close at shutdown (a stuck tap reader).
+const ADMIN_STOP_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Longest wait between two broker connection attempts.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
@@ -92,9 +99,14 @@ impl App {
                     }
                 }
             });
-            let router = admin::router(Arc::clone(&self.health), handle);
+            let router = admin::router(Arc::clone(&self.health), handle, self.pipeline.tap());
             let stop = admin_stop.clone();
-            let listener = self.admin;
+            // A fixed send buffer per admin connection: the kernel would otherwise grow it
+            // to `net.ipv4.tcp_wmem`'s maximum (4 MiB) for a `/tap` reader that stopped
+            // reading.
+            let listener = self.admin.tap_io(|tcp| {
+                let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(ADMIN_SEND_BUFFER);
+            });
             tokio::spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -108,9 +120,20 @@ impl App {
             stopping_since: OnceLock::new(),
         };
         session.run(&shutdown).await;
+        // Tap streams end here; one whose reader stopped reading cannot finish sending,
+        // so the admin server gets a bounded wait.
+        self.pipeline.tap().close();
         admin_stop.cancel();
-        if let Ok(Err(e)) = admin.await {
-            tracing::warn!(error = %e, "admin server stopped with an error");
+        let admin_abort = admin.abort_handle();
+        match tokio::time::timeout(ADMIN_STOP_TIMEOUT, admin).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin server stopped with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                admin_abort.abort();
+                tracing::info!(
+                    "closed admin connections still open (a tap reader that stopped reading?)"
+                );
+            }
         }
         tracing::info!("stopped cleanly");
         Ok(())

@@ -1,5 +1,5 @@
 //! The command line (`docs/contract.md`, "Command line"): `run`, `check`, `map`, `test`, `replay`,
-//! `sandbox`.
+//! `tap`, `sandbox`.
 
 use crate::config::{self, Problem};
 use crate::contract::capture::{self, CaptureError};
@@ -142,6 +142,20 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print a running bridge's message decisions live, as JSON lines (its admin `/tap`)
+    Tap {
+        /// The bridge's admin server (default: from the config's server.listen, else
+        /// http://127.0.0.1:9464)
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Only this rule's decisions (repeatable; `none` for messages no rule took)
+        #[arg(long = "rule", value_name = "NAME")]
+        rules: Vec<String>,
+        /// Only these outcomes (repeatable)
+        #[arg(long = "outcome", value_name = "OUTCOME",
+              value_parser = clap::builder::PossibleValuesParser::new(crate::telemetry::tap::OUTCOMES))]
+        outcomes: Vec<String>,
+    },
     /// Run a local stand-in for the Crisp REST API
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8787")]
@@ -222,6 +236,11 @@ pub fn main() -> ExitCode {
             };
             runtime.block_on(replay(cli.config, selection))
         }
+        Command::Tap {
+            admin,
+            rules,
+            outcomes,
+        } => runtime.block_on(tap(cli.config, admin, &rules, &outcomes)),
         Command::Sandbox {
             listen,
             identifier,
@@ -250,6 +269,111 @@ pub fn main() -> ExitCode {
                 }),
             };
             runtime.block_on(sandbox(listen, options, rate_limit, rate_limit_shape))
+        }
+    }
+}
+
+/// The admin server's base URL: `--admin`, else the config's `server.listen` (an
+/// unspecified address such as `0.0.0.0` meaning this host's loopback).
+fn admin_url(path: Option<PathBuf>, admin: Option<String>) -> Result<String, ExitCode> {
+    let given = match admin {
+        Some(url) => url,
+        None => load(path.as_deref(), ExitCode::FAILURE)?.server.listen,
+    };
+    let given = given.trim().trim_end_matches('/');
+    if given.contains("://") {
+        return Ok(given.to_owned());
+    }
+    Ok(match given.parse::<SocketAddr>() {
+        Ok(mut addr) => {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{addr}")
+        }
+        Err(_) => format!("http://{given}"),
+    })
+}
+
+/// `tap`: streams `GET /tap` to stdout as it comes; ends quietly (141) when stdout's
+/// reader goes, 0 when the bridge closes the stream, 1 when the admin port cannot be
+/// reached or refuses.
+async fn tap(
+    path: Option<PathBuf>,
+    admin: Option<String>,
+    rules: &[String],
+    outcomes: &[String],
+) -> ExitCode {
+    let base = match admin_url(path, admin) {
+        Ok(base) => base,
+        Err(code) => return code,
+    };
+    let mut url = match reqwest::Url::parse(&format!("{base}/tap")) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("error: --admin `{base}` is not a URL like http://127.0.0.1:9464: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    {
+        let mut query = url.query_pairs_mut();
+        for rule in rules {
+            query.append_pair("rule", rule);
+        }
+        for outcome in outcomes {
+            query.append_pair("outcome", outcome);
+        }
+    }
+    if rules.is_empty() && outcomes.is_empty() {
+        url.set_query(None);
+    }
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: cannot build the HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut response = match client.get(url).send().await {
+        Ok(response) => response,
+        Err(e) => {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            eprintln!("error: cannot reach the bridge's admin server at {base} ({e}{cause}); is crisp-bridge running there? Give its admin address with --admin URL (server.listen)");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !response.status().is_success() {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let text: String = text.trim().chars().take(500).collect();
+        eprintln!("error: {base}/tap answered {status}: {text}");
+        return ExitCode::FAILURE;
+    }
+    let mut out = std::io::stdout().lock();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+                    return output_failed(&e);
+                }
+            }
+            Ok(None) => {
+                eprintln!("tap: the bridge closed the stream (it is stopping)");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("error: the tap stream from {base} broke: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
 }
@@ -637,5 +761,29 @@ async fn watch_signals(shutdown: CancellationToken) {
             tracing::warn!("second signal: exiting now; unacked messages return to the queue");
             std::process::exit(130);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_url_comes_from_the_flag_or_server_listen() {
+        let url = |admin: &str| admin_url(None, Some(admin.to_owned())).unwrap();
+        assert_eq!(url("http://10.0.0.5:9464/"), "http://10.0.0.5:9464");
+        assert_eq!(url("127.0.0.1:9000"), "http://127.0.0.1:9000");
+        assert_eq!(url("0.0.0.0:9464"), "http://127.0.0.1:9464");
+        assert_eq!(url("[::]:9464"), "http://[::1]:9464");
+        assert_eq!(url("bridge.local:9464"), "http://bridge.local:9464");
+        let dir = std::env::temp_dir().join(format!("tap-url-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[server]\nlisten = \"0.0.0.0:9555\"\n").unwrap();
+        assert_eq!(
+            admin_url(Some(file.clone()), None).unwrap(),
+            "http://127.0.0.1:9555"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

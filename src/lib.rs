@@ -20,7 +20,7 @@
 //! Around them: [`contract`] (offline evaluation for `map` and `test`), [`cli`] (the
 //! commands), [`config`] (figment layering, validation, secrets and their redaction),
 //! [`app`] (wiring, ordered and bounded shutdown), [`admin`] (`/healthz` `/readyz`
-//! `/metrics`), [`telemetry`] (logs and metric names), [`replay`] (moving dead letters
+//! `/metrics` `/tap`), [`telemetry`] (logs, metric names, the tap), [`replay`] (moving dead letters
 //! back), [`sandbox`] (a local Crisp for trying rules and for tests), and [`outcome`]
 //! (reason codes and dispositions shared by every step). The contract these modules keep
 //! is `docs/contract.md`; what they assume of Crisp, `docs/crisp-api.md`.

@@ -182,8 +182,8 @@ impl CrispClient {
         })
     }
 
-    /// `POST /website/{website_id}/people/events/{people_id}`.
-    pub async fn add_event(&self, people_id: &str, event: &CrispEvent) -> Result<(), CrispError> {
+    /// `POST /website/{website_id}/people/events/{people_id}`; the success's status.
+    pub async fn add_event(&self, people_id: &str, event: &CrispEvent) -> Result<u16, CrispError> {
         let segment = encode_segment(people_id);
         let request = match &self.events_url {
             // The segment holds only unreserved characters, `@` and escapes, so setting
@@ -200,8 +200,9 @@ impl CrispClient {
         self.send(request, Some(json_body(event)?)).await
     }
 
-    /// `POST /website/{website_id}/people/profile`; an existing profile counts as success.
-    pub async fn create_profile(&self, email: &str) -> Result<(), CrispError> {
+    /// `POST /website/{website_id}/people/profile`; an existing profile counts as success
+    /// (with the status of that answer).
+    pub async fn create_profile(&self, email: &str) -> Result<u16, CrispError> {
         let nickname = email.split('@').next().unwrap_or(email);
         let body = serde_json::json!({ "email": email, "person": { "nickname": nickname } });
         let url = format!("{}/people/profile", self.website_url);
@@ -209,7 +210,7 @@ impl CrispClient {
             .send(self.http.post(url), Some(json_body(&body)?))
             .await
         {
-            Err(e) if e.reason.as_deref() == Some("people_exists") => Ok(()),
+            Err(e) if e.reason.as_deref() == Some("people_exists") => Ok(e.status.unwrap_or(409)),
             other => other,
         }
     }
@@ -221,12 +222,13 @@ impl CrispClient {
     }
 
     /// Sends one request. Every header is set exactly once here or by the client's
-    /// defaults (`X-Crisp-Tier`, `User-Agent`); `Content-Type` only with a body.
+    /// defaults (`X-Crisp-Tier`, `User-Agent`); `Content-Type` only with a body. A
+    /// success gives its status.
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         body: Option<Vec<u8>>,
-    ) -> Result<(), CrispError> {
+    ) -> Result<u16, CrispError> {
         let (identifier, key) = self.credentials.get();
         let mut request = request.basic_auth(identifier.expose(), Some(key.expose()));
         if let Some(body) = body {
@@ -253,7 +255,7 @@ impl CrispClient {
         let status = response.status();
         metrics::crisp_request(status.as_str());
         if status.is_success() {
-            return Ok(());
+            return Ok(status.as_u16());
         }
         let header = |name| {
             response

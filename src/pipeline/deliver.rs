@@ -55,9 +55,16 @@ impl Pipeline {
                     r = Box::pin(self.client.create_profile(&mapped.people_id)) => Some(r),
                     _ = self.abandon.cancelled() => None,
                 };
+                if let Some(answer) = &created {
+                    job.answered(
+                        answer
+                            .as_ref()
+                            .map_or_else(|e| e.status.unwrap_or(0), |s| *s),
+                    );
+                }
                 let error = match created {
                     None => return Happened::NotStarted,
-                    Some(Ok(())) => {
+                    Some(Ok(_)) => {
                         self.flow.succeeded(permit);
                         tracing::info!(rule = %mapped.rule, people_id = %who, "created the missing Crisp profile; sending the event once more");
                         needs_profile = false;
@@ -98,9 +105,16 @@ impl Pipeline {
                 _ = self.abandon.cancelled() => None,
             };
             metrics::in_flight(-1.0);
+            if let Some(answer) = &result {
+                job.answered(
+                    answer
+                        .as_ref()
+                        .map_or_else(|e| e.status.unwrap_or(0), |s| *s),
+                );
+            }
             let error = match result {
                 None => return Happened::NotStarted,
-                Some(Ok(())) => {
+                Some(Ok(_)) => {
                     self.flow.succeeded(permit);
                     return Happened::Delivered;
                 }

@@ -39,6 +39,26 @@ pub enum Happened {
     DeadLetterUnconfirmed,
 }
 
+impl Happened {
+    /// Its reason code, as the tap shows it: a dead letter's `x-crisp-bridge-reason`, or
+    /// why it was skipped or requeued; `None` when delivered.
+    pub fn reason(&self) -> Option<&'static str> {
+        Some(match self {
+            Happened::Delivered => return None,
+            Happened::Duplicate => "duplicate",
+            Happened::Invalid(dl) => dl.reason.code(),
+            Happened::Unmatched { .. } => Reason::Unmatched.code(),
+            Happened::CrispRejected { .. } => Reason::CrispRejected.code(),
+            Happened::PeopleNotFound { .. } => Reason::PeopleNotFound.code(),
+            Happened::RetriesExhausted => "retries_exhausted",
+            Happened::NotStarted => "not_started",
+            Happened::ChannelGone => "channel_gone",
+            Happened::Panicked => "panicked",
+            Happened::DeadLetterUnconfirmed => "dead_letter_unconfirmed",
+        })
+    }
+}
+
 /// Settings that change a fate.
 #[derive(Debug, Clone, Copy)]
 pub struct FateSettings {

@@ -21,14 +21,16 @@ use crate::broker::settle::{settle, Settled, Settlement};
 use crate::config::{AmqpConfig, DeliveryConfig};
 use crate::crisp::CrispClient;
 use crate::decode::Incoming;
-use crate::outcome::Disposition;
+use crate::outcome::{mask_people_id, Disposition};
 use crate::route::{Mapped, Router};
 use crate::telemetry::metrics::{self, MessageOutcome, NO_RULE};
+use crate::telemetry::tap::{Decision, Tap};
 use dedup::Dedup;
 use futures_util::FutureExt;
 use lanes::Lanes;
 use lapin::message::Delivery;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -71,6 +73,44 @@ struct Job {
     /// Handed back by then at the latest, waiting or not: well before the broker's
     /// consumer timeout closes the channel holding it.
     hand_back_at: Instant,
+    /// When it reached the pod (the tap's latency).
+    received: Instant,
+    /// Crisp's last answer for it, 0 for none (the tap's `crisp_status`).
+    crisp_status: AtomicU16,
+}
+
+impl Job {
+    fn seen(&self) -> Seen<'_> {
+        Seen {
+            people_id: Some(&self.mapped.people_id),
+            crisp_status: self.crisp_status.load(Ordering::Relaxed),
+            received: self.received,
+        }
+    }
+
+    /// Crisp answered (or, for 0, no answer came).
+    fn answered(&self, status: u16) {
+        self.crisp_status.store(status, Ordering::Relaxed);
+    }
+}
+
+/// What the tap shows of a delivery besides its fate.
+struct Seen<'a> {
+    /// Unmasked: masked only when a line is built.
+    people_id: Option<&'a str>,
+    /// 0: no answer from Crisp.
+    crisp_status: u16,
+    received: Instant,
+}
+
+impl Seen<'_> {
+    fn nothing(received: Instant) -> Self {
+        Seen {
+            people_id: None,
+            crisp_status: 0,
+            received,
+        }
+    }
 }
 
 /// Settings the pipeline needs besides the delivery section.
@@ -98,6 +138,8 @@ pub struct Pipeline {
     tasks: TaskTracker,
     /// Shutdown began: start nothing new, requeue what waits.
     stopping: CancellationToken,
+    /// Whoever listens to the decisions (`GET /tap`).
+    tap: Arc<Tap>,
     /// `shutdown_timeout` passed: abandon requests in flight and requeue them.
     abandon: CancellationToken,
 }
@@ -114,6 +156,7 @@ impl Pipeline {
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
+            tap: Tap::new(),
         })
     }
 
@@ -126,6 +169,11 @@ impl Pipeline {
         &self.stopping
     }
 
+    /// The decisions' subscribers, for the admin server's `/tap`.
+    pub fn tap(&self) -> Arc<Tap> {
+        Arc::clone(&self.tap)
+    }
+
     /// The flow's state, for readiness (only the flow writes it).
     pub fn flow(&self) -> Arc<Flow> {
         Arc::clone(&self.flow)
@@ -135,7 +183,8 @@ impl Pipeline {
     /// their person's lane.
     pub fn handle(self: &Arc<Self>, acks: Arc<Acks>, delivery: Delivery) {
         acks.received(delivery.delivery_tag);
-        let hand_back_at = Instant::now() + self.settings.hand_back_after;
+        let received = Instant::now();
+        let hand_back_at = received + self.settings.hand_back_after;
         let triaged = triage(
             &self.router,
             self.settings.max_message_bytes,
@@ -150,7 +199,7 @@ impl Pipeline {
                     _ => None,
                 }
                 .unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(acks, delivery, rule, happened, hand_back_at);
+                return self.settle_in_background(acks, delivery, rule, happened, received);
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
@@ -161,6 +210,8 @@ impl Pipeline {
             mapped,
             id,
             hand_back_at,
+            received,
+            crisp_status: AtomicU16::new(0),
         };
         if let Some(first) = self.lanes.push(key, job) {
             self.tasks.spawn(Arc::clone(self).run_lane(key, first));
@@ -173,11 +224,13 @@ impl Pipeline {
         delivery: Delivery,
         rule: String,
         happened: Happened,
-        hand_back_at: Instant,
+        received: Instant,
     ) {
         let this = Arc::clone(self);
+        let hand_back_at = received + self.settings.hand_back_after;
         self.tasks.spawn(async move {
-            this.finish(&acks, &delivery, &rule, happened, hand_back_at)
+            let seen = Seen::nothing(received);
+            this.finish(&acks, &delivery, &rule, happened, hand_back_at, seen)
                 .await
         });
     }
@@ -203,6 +256,7 @@ impl Pipeline {
                     &job.mapped.rule,
                     happened,
                     job.hand_back_at,
+                    job.seen(),
                 )
                 .await;
             if requeued && later.is_none() {
@@ -217,6 +271,7 @@ impl Pipeline {
                         &job.mapped.rule,
                         Happened::NotStarted,
                         job.hand_back_at,
+                        job.seen(),
                     )
                     .await;
                 }
@@ -266,18 +321,20 @@ impl Pipeline {
     /// Requeues a delivery that was prefetched but never started (the consumer stopped).
     pub async fn hand_back(&self, acks: &Acks, delivery: &Delivery) {
         acks.received(delivery.delivery_tag);
+        let now = Instant::now();
         self.finish(
             acks,
             delivery,
             NO_RULE,
             Happened::NotStarted,
-            Instant::now(),
+            now,
+            Seen::nothing(now),
         )
         .await;
     }
 
-    /// The one path every delivery is settled through: its fate, then the broker. True
-    /// when the delivery went back to the queue.
+    /// The one path every delivery is settled through: its fate, then the broker, then
+    /// its metrics and its tap line. True when the delivery went back to the queue.
     async fn finish(
         &self,
         acks: &Acks,
@@ -285,10 +342,13 @@ impl Pipeline {
         rule: &str,
         happened: Happened,
         hand_back_at: Instant,
+        seen: Seen<'_>,
     ) -> bool {
         let settings = FateSettings {
             unmatched: self.settings.delivery.unmatched,
         };
+        // A `&'static str` picked by a match: kept for the tap, whether anyone listens.
+        let mut reason = happened.reason();
         let mut disposition = fate(happened, settings);
         match Settlement::of(&disposition) {
             // Sent by the session's flusher, usually with others (`multiple`).
@@ -300,8 +360,9 @@ impl Pipeline {
                     Box::pin(self.settle_rare(acks, delivery, settlement, hand_back_at)).await;
                 // Only now may a batch cover the tags above this one.
                 acks.settled(delivery.delivery_tag);
-                if let Some(requeue) = replaced {
-                    disposition = requeue;
+                if let Some(instead) = replaced {
+                    reason = instead.reason();
+                    disposition = fate(instead, settings);
                 }
             }
         }
@@ -319,18 +380,29 @@ impl Pipeline {
         if outcome != MessageOutcome::Requeued {
             metrics::message_age(delivery.properties.timestamp().as_ref().copied());
         }
+        // With nobody listening, the tap costs this one atomic load.
+        if self.tap.active() {
+            self.tap.emit(&Decision::new(
+                rule,
+                outcome.as_str(),
+                reason,
+                seen.people_id.map(mask_people_id),
+                (seen.crisp_status != 0).then_some(seen.crisp_status),
+                seen.received.elapsed(),
+            ));
+        }
         outcome == MessageOutcome::Requeued
     }
 
-    /// Settles a dead letter or a requeue; returns the requeue done instead, if it came
-    /// to that.
+    /// Settles a dead letter or a requeue; returns what happened instead (a requeue), if
+    /// it came to that.
     async fn settle_rare(
         &self,
         acks: &Acks,
         delivery: &Delivery,
         settlement: Settlement<'_>,
         hand_back_at: Instant,
-    ) -> Option<Disposition> {
+    ) -> Option<Happened> {
         let channel = acks.channel();
         let exchange = &self.settings.dead_letter_exchange;
         let settings = FateSettings {
@@ -355,7 +427,7 @@ impl Pipeline {
                     if let Some(settlement) = Settlement::of(&requeue) {
                         settle(channel, exchange, delivery, settlement).await;
                     }
-                    return Some(requeue);
+                    return Some(Happened::DeadLetterUnconfirmed);
                 }
                 Settled::DeadLetterReturned => {}
             }
@@ -397,7 +469,7 @@ impl Pipeline {
                 if let Some(settlement) = Settlement::of(&requeue) {
                     settle(channel, exchange, delivery, settlement).await;
                 }
-                return Some(requeue);
+                return Some(Happened::NotStarted);
             }
         }
     }

@@ -28,6 +28,7 @@ pub const HOLDING: &str = "crisp_bridge_rate_limit_hold";
 pub const DEAD_LETTERS_BLOCKED: &str = "crisp_bridge_dead_letters_blocked";
 pub const BUILD_INFO: &str = "crisp_bridge_build_info";
 pub const MESSAGE_AGE: &str = "crisp_bridge_message_age_seconds";
+pub const TAP_DROPPED: &str = "crisp_bridge_tap_dropped_total";
 
 /// The git revision this binary was built from (`build.rs`).
 pub const REVISION: &str = env!("BRIDGE_GIT_REVISION");
@@ -166,6 +167,10 @@ fn describe() {
         REQUEST_RATE_LIMIT,
         "Requests per second this pod allows itself, learned from Crisp's 429/420 answers (0: none learned)."
     );
+    describe_counter!(
+        TAP_DROPPED,
+        "Tap lines (GET /tap) dropped because a subscriber's buffer was full (a slow reader); delivery never waits for one."
+    );
     describe_gauge!(
         CRISP_REFUSED,
         "1 while Crisp refuses our credentials, plan or website id."
@@ -222,7 +227,7 @@ pub fn register(rules: &[&str]) {
     counter!(CRISP_REQUESTS, "status" => "transport_error").increment(0);
     let _ = histogram!(CRISP_REQUEST_DURATION);
     let _ = histogram!(MESSAGE_AGE);
-    for name in [RETRIES, STALE_ACKS, DUPLICATES, LANE_PANICS] {
+    for name in [RETRIES, STALE_ACKS, DUPLICATES, LANE_PANICS, TAP_DROPPED] {
         counter!(name).increment(0);
     }
     for result in ["ok", "error"] {
@@ -365,6 +370,11 @@ pub fn crisp_refused(refused: bool) {
 
 pub fn crisp_outage(holding: bool) {
     gauge!(CRISP_OUTAGE).set(if holding { 1.0 } else { 0.0 });
+}
+
+pub fn tap_dropped() {
+    static KEPT: OnceLock<Counter> = OnceLock::new();
+    cached(&KEPT, || counter!(TAP_DROPPED)).increment(1);
 }
 
 pub fn lane_panic() {

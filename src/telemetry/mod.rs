@@ -1,6 +1,7 @@
-//! Logging setup. Metric names live in [`metrics`].
+//! Logging setup. Metric names live in [`metrics`]; the live tap of decisions in [`tap`].
 
 pub mod metrics;
+pub mod tap;
 
 use crate::config::redact::scrub;
 use crate::config::{LogConfig, LogFormat};

@@ -327,6 +327,7 @@ async fn metrics_are_all_exported_from_start_with_help() {
         "crisp_bridge_crisp_outage_hold",
         "crisp_bridge_rate_limit_hold",
         "crisp_bridge_lane_panics_total",
+        "crisp_bridge_tap_dropped_total",
     ] {
         assert!(
             body.contains(&format!("# HELP {name} ")),

@@ -15,5 +15,6 @@ mod pipes;
 mod process;
 mod proxy;
 mod replay;
+mod tap;
 mod tls;
 mod wire;
