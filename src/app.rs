@@ -107,11 +107,12 @@ impl App {
             health: Arc::clone(&self.health),
             stopping_since: OnceLock::new(),
         };
-        session.run(&shutdown).await;
+        let ended = session.run(&shutdown).await;
         admin_stop.cancel();
         if let Ok(Err(e)) = admin.await {
             tracing::warn!(error = %e, "admin server stopped with an error");
         }
+        ended?;
         tracing::info!("stopped cleanly");
         Ok(())
     }
@@ -133,7 +134,9 @@ enum SessionEnd {
 }
 
 impl Session {
-    async fn run(&self, shutdown: &CancellationToken) {
+    /// Connects, consumes and reconnects until shutdown; only a queue that exists with
+    /// other arguments (no retry can change it) ends it early.
+    async fn run(&self, shutdown: &CancellationToken) -> Result<(), broker::QueueMismatch> {
         let reconnects = Backoff {
             initial: Duration::from_secs(1),
             max: MAX_RECONNECT_BACKOFF,
@@ -152,6 +155,13 @@ impl Session {
             };
             let (connection, node) = match connected {
                 Ok(connected) => connected,
+                Err(broker::ConnectError::QueueArguments(mismatch)) => {
+                    self.health.set_broker(false);
+                    self.pipeline
+                        .shutdown(Instant::now(), Instant::now() + Duration::from_secs(1))
+                        .await;
+                    return Err(mismatch);
+                }
                 Err(e) => {
                     metrics::broker_connect(false);
                     self.health.set_broker(false);
@@ -185,7 +195,7 @@ impl Session {
                     // Whatever is left of the second after shutdown_timeout.
                     let closing = connection.close(200, "crisp-bridge stopping".into());
                     let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
-                    return;
+                    return Ok(());
                 }
                 SessionEnd::BrokerLost(why) => {
                     // The next node first: this one may be the one going away.
@@ -200,6 +210,7 @@ impl Session {
         self.pipeline
             .shutdown(now, now + Duration::from_secs(1))
             .await;
+        Ok(())
     }
 
     /// When shutdown must be over: `shutdown_timeout` after the signal, plus a second
