@@ -54,6 +54,7 @@ impl App {
                 max_message_bytes: config.amqp.max_message_bytes,
                 hand_back_after: config.amqp.consumer_timeout / 2,
                 redeclare: config.amqp.declare.then(|| Arc::new(config.amqp.clone())),
+                leave_to_broker_at_shutdown: config.amqp.single_active_consumer,
             },
         );
         let health = Arc::new(Health::new(pipeline.flow()));
@@ -247,7 +248,8 @@ impl Session {
     async fn consume(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
         let amqp = &self.config.amqp;
         let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
-        let (channel, consumer) = match broker::consume(connection, amqp, &tag).await {
+        // Dropping a lapin consumer cancels it: it lives until the channel is closed.
+        let (channel, mut consumer) = match broker::consume(connection, amqp, &tag).await {
             Ok(c) => c,
             Err(e) => return SessionEnd::BrokerLost(e.to_string()),
         };
@@ -259,7 +261,7 @@ impl Session {
             self.pipeline.stopping(),
         ));
         tokio::spawn(Arc::clone(&acks).run());
-        let end = self.pump(&acks, consumer, shutdown).await;
+        let end = self.pump(&acks, &mut consumer, shutdown).await;
         self.health.set_consuming(false);
         match end {
             SessionEnd::Shutdown => {
@@ -268,6 +270,7 @@ impl Session {
                 let _ = tokio::time::timeout_at(self.give_up_at(), acks.close()).await;
                 let closing = channel.close(200, "crisp-bridge stopping".into());
                 let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
+                drop(consumer);
             }
             SessionEnd::BrokerLost(_) => {
                 acks.session_lost();
@@ -281,7 +284,7 @@ impl Session {
     async fn pump(
         &self,
         acks: &Arc<Acks>,
-        mut consumer: Consumer,
+        consumer: &mut Consumer,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let channel = acks.channel();
@@ -301,6 +304,12 @@ impl Session {
             }
         }
         self.stopping_since();
+        if self.config.amqp.single_active_consumer {
+            // No cancel: RabbitMQ would make a standby active at once, while this pod
+            // still holds earlier messages. The consumer ends with the channel, and what
+            // it was sent and did not start goes back with it, in order.
+            return SessionEnd::Shutdown;
+        }
         // Stop the flow, then hand back what was prefetched but not started; a broker
         // that does not answer must not hold the shutdown past its bound.
         let tag = consumer.tag();

@@ -115,7 +115,9 @@ impl QueueMismatch {
                 amqp.single_active_consumer
             )),
             "x-queue-type" => Some("amqp.queue_type".to_owned()),
-            "x-delivery-limit" => Some(format!("amqp.delivery_limit (now {})", amqp.delivery_limit)),
+            "x-delivery-limit" => {
+                Some(format!("amqp.delivery_limit (now {})", amqp.delivery_limit))
+            }
             "x-dead-letter-exchange" => Some("amqp.dead_letter_exchange".to_owned()),
             _ => None,
         };
@@ -255,12 +257,18 @@ pub async fn declare_topology(
         })?;
     declare_dead_letter_topology(channel, amqp)
         .await
-        .map_err(|e| match QueueMismatch::of(&e.source, &amqp.dead_letter_queue, amqp) {
-            Some(mismatch) => mismatch.into(),
-            None => ConnectError::from(e),
-        })?;
+        .map_err(
+            |e| match QueueMismatch::of(&e.source, &amqp.dead_letter_queue, amqp) {
+                Some(mismatch) => mismatch.into(),
+                None => ConnectError::from(e),
+            },
+        )?;
     let declared = channel
-        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
+        .queue_declare(
+            amqp.queue.as_str().into(),
+            durable_queue,
+            main_queue_args(amqp),
+        )
         .await;
     if let Err(source) = declared {
         if let Some(mismatch) = QueueMismatch::of(&source, &amqp.queue, amqp) {

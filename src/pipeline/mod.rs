@@ -85,6 +85,10 @@ pub struct PipelineSettings {
     /// The dead-letter topology to declare again when a dead-letter copy finds no
     /// queue (`amqp.declare = true`); `None`: never declared by us.
     pub redeclare: Option<Arc<AmqpConfig>>,
+    /// With a single active consumer: what goes back once shutdown began is left
+    /// unsettled, for the broker to take back when the channel closes (see
+    /// [`Pipeline::finish`]).
+    pub leave_to_broker_at_shutdown: bool,
 }
 
 pub struct Pipeline {
@@ -290,6 +294,18 @@ impl Pipeline {
             unmatched: self.settings.delivery.unmatched,
         };
         let mut disposition = fate(happened, settings);
+        if self.settings.leave_to_broker_at_shutdown
+            && self.stopping.is_cancelled()
+            && matches!(disposition, Disposition::Requeue(_))
+        {
+            // A requeue now would go to the standby that a cancel already made active,
+            // behind later messages it may hold (RabbitMQ 3.10 and 4.0 alike). Left open
+            // (so no `multiple` ack covers it), it returns when the channel closes: the
+            // broker then puts everything this pod held back at the head of the queue
+            // in delivery order, and only then hands the queue over.
+            metrics::message(rule, MessageOutcome::Requeued);
+            return true;
+        }
         match Settlement::of(&disposition) {
             // Sent by the session's flusher, usually with others (`multiple`).
             None => acks.ack(delivery.delivery_tag),

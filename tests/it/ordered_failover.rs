@@ -6,7 +6,7 @@
 
 use crisp_bridge::sandbox::{Fault, ReceivedEvent};
 use crisp_bridge_testkit::{
-    auto_profiles, eventually, eventually_within, metric, BrokerClient, Bridge, Proxy, TestApp,
+    auto_profiles, eventually, eventually_within, metric, Bridge, BrokerClient, Proxy, TestApp,
     TestEnv, LOAD_RULES,
 };
 use std::collections::{BTreeMap, HashSet};
@@ -180,8 +180,8 @@ async fn stop_the_active_one(single_active_consumer: bool, signal: &str) -> Fail
     }
     eprintln!(
         "single_active_consumer={single_active_consumer}, SIG{signal}: {} events for {n} messages \
-         ({duplicates} duplicates), {delivered} delivered when the active bridge was killed, \
-         failover (kill to the standby's first event POST) {failover:?}",
+         ({duplicates} duplicates), {delivered} delivered when the active bridge got the signal, \
+         failover (signal to the standby's first event POST) {failover:?}",
         events.len()
     );
     Failover { failover }
@@ -290,7 +290,12 @@ async fn later_messages_go_back_with_one_that_ran_out_of_retry_time() {
             for i in 0.. {
                 let body = format!(r#"{{"email":"ok{i}@b.io","phase":"started"}}"#);
                 broker
-                    .publish(&exchange, "trial.started", body.as_bytes(), Default::default())
+                    .publish(
+                        &exchange,
+                        "trial.started",
+                        body.as_bytes(),
+                        Default::default(),
+                    )
                     .await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
