@@ -462,6 +462,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn refusal(code: lapin::protocol::AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            lapin::protocol::AMQPErrorKind::Soft(code),
+            text.into(),
+        ))
+        .into()
+    }
+
+    #[test]
+    fn an_inequivalent_queue_argument_names_the_queue_the_argument_and_the_fix() {
+        use lapin::protocol::AMQPSoftError;
+        let amqp = AmqpConfig {
+            single_active_consumer: true,
+            ..AmqpConfig::default()
+        };
+        let said = "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'q1' in vhost '/': received the value 'true' of type 'bool' but current is none";
+        let e = QueueMismatch::of(
+            &refusal(AMQPSoftError::PRECONDITIONFAILED, said),
+            "q1",
+            &amqp,
+        )
+        .expect("a mismatch");
+        assert_eq!(e.argument, "x-single-active-consumer");
+        let text = e.to_string();
+        for needed in [
+            "queue `q1`",
+            "`x-single-active-consumer`",
+            "amqp.single_active_consumer (now true)",
+            "rabbitmqctl delete_queue q1",
+            said,
+        ] {
+            assert!(text.contains(needed), "no {needed:?} in {text}");
+        }
+        let other = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q1' in vhost '/': received none but current is the value '10' of type 'long'";
+        let e = QueueMismatch::of(
+            &refusal(AMQPSoftError::PRECONDITIONFAILED, other),
+            "q1",
+            &amqp,
+        )
+        .expect("a mismatch");
+        assert!(e.to_string().contains("amqp.declare = false"), "{e}");
+        // An exchange of another type, or another refusal, is not a queue mismatch.
+        let exchange = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x' in vhost '/': received 'topic' but current is 'fanout'";
+        assert!(QueueMismatch::of(
+            &refusal(AMQPSoftError::PRECONDITIONFAILED, exchange),
+            "q1",
+            &amqp
+        )
+        .is_none());
+        let denied = "ACCESS_REFUSED - access to queue 'q1' in vhost '/' refused";
+        assert!(
+            QueueMismatch::of(&refusal(AMQPSoftError::ACCESSREFUSED, denied), "q1", &amqp)
+                .is_none()
+        );
+    }
+
     #[test]
     fn broker_errors_are_scrubbed_of_the_url_they_quote() {
         let e = BrokerError {
