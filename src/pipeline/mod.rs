@@ -298,11 +298,12 @@ impl Pipeline {
             && self.stopping.is_cancelled()
             && matches!(disposition, Disposition::Requeue(_))
         {
-            // A requeue now would go to the standby that a cancel already made active,
-            // behind later messages it may hold (RabbitMQ 3.10 and 4.0 alike). Left open
-            // (so no `multiple` ack covers it), it returns when the channel closes: the
-            // broker then puts everything this pod held back at the head of the queue
-            // in delivery order, and only then hands the queue over.
+            // This pod stays the active consumer until its channel closes (it does not
+            // cancel: a cancel would make a standby active at once, ahead of what this
+            // pod holds), so a requeue would only come back here, counting toward the
+            // delivery limit each time. Left open (no `multiple` ack covers it), it goes
+            // back when the channel closes: the broker puts everything this pod held at
+            // the head of the queue, in delivery order, then hands the queue over.
             metrics::message(rule, MessageOutcome::Requeued);
             return true;
         }
