@@ -304,6 +304,7 @@ def step_refusals(chart: helm.Chart) -> None:
     section("values that must not render")
     expectations = {
         "hpa-and-keda.yaml": "mutually exclusive",
+        "single-active-consumer-and-keda.yaml": "singleActiveConsumer and keda.enabled do not go together",
         "short-grace-period.yaml": "terminationGracePeriodSeconds (60) must be longer",
         "secret-in-config.yaml": "/config/crisp/key",
         "no-secrets.yaml": "secret.amqpUrl is empty and no existingSecret is named",
@@ -728,6 +729,45 @@ def step_behaviour(chart: helm.Chart, renders: dict[str, list[dict[str, Any]]]) 
     for label in ("default", "existing-values.yaml", "full-values.yaml"):
         attempt(f"helm test Pod runs crisp-bridge check with the Deployment's config and secrets ({label})",
                 lambda label=label: test_pod_ok(renders[label]))
+
+    # Ordered failover (ci/single-active-consumer-values.yaml): both modes render.
+    sac = renders.get("single-active-consumer-values.yaml")
+
+    def sac_ok() -> tuple[bool, str]:
+        if sac is None:
+            return False, "ci/single-active-consumer-values.yaml did not render"
+        checks = {
+            "amqp.single_active_consumer = true": config_toml(sac)["amqp"].get("single_active_consumer") is True,
+            "replicas 3 (one active, two standing by)": one(sac, "Deployment")["spec"].get("replicas") == 3,
+            "no HPA, no ScaledObject": not by_kind(sac, "HorizontalPodAutoscaler") and not by_kind(sac, "ScaledObject"),
+            "default: competing consumers": not config_toml(base)["amqp"].get("single_active_consumer", False),
+        }
+        bad = [k for k, v in checks.items() if not v]
+        return not bad, ", ".join(bad)
+
+    attempt("singleActiveConsumer renders amqp.single_active_consumer = true (the default renders competing consumers)", sac_ok)
+
+    def sac_refused(values: dict[str, Any], needle: str) -> tuple[bool, str]:
+        try:
+            render(chart, values)
+        except helm.HelmError as e:
+            return needle in str(e), str(e)
+        return False, "rendered"
+
+    attempt("singleActiveConsumer with autoscaling.enabled is refused",
+            lambda: sac_refused({**CI_SECRETS, "singleActiveConsumer": True, "autoscaling": {"enabled": True}},
+                                "singleActiveConsumer and autoscaling.enabled do not go together"))
+    attempt("config.amqp.single_active_consumer = true with keda.enabled is refused too",
+            lambda: sac_refused({**CI_SECRETS, "config": {"amqp": {"single_active_consumer": True}}, "keda": {"enabled": True}},
+                                "singleActiveConsumer and keda.enabled do not go together"))
+
+    def sac_existing() -> tuple[bool, str]:
+        docs = documents(render(chart, {**load_yaml(CI_DIR / "existing-values.yaml"), "autoscaling": {"enabled": False}, "singleActiveConsumer": True}))
+        env = container(docs)["env"]
+        want = {"name": "CRISP_BRIDGE_AMQP__SINGLE_ACTIVE_CONSUMER", "value": "true"}
+        return want in env, str(env)
+
+    attempt("singleActiveConsumer with existingConfigMap: CRISP_BRIDGE_AMQP__SINGLE_ACTIVE_CONSUMER=true", sac_existing)
 
 
 def metric_names() -> tuple[set[str], set[str]]:

@@ -61,6 +61,7 @@ impl App {
                 max_message_bytes: config.amqp.max_message_bytes,
                 hand_back_after: config.amqp.consumer_timeout / 2,
                 redeclare: config.amqp.declare.then(|| Arc::new(config.amqp.clone())),
+                leave_to_broker_at_shutdown: config.amqp.single_active_consumer,
             },
         );
         let health = Arc::new(Health::new(pipeline.flow()));
@@ -119,7 +120,7 @@ impl App {
             health: Arc::clone(&self.health),
             stopping_since: OnceLock::new(),
         };
-        session.run(&shutdown).await;
+        let ended = session.run(&shutdown).await;
         // Tap streams end here; one whose reader stopped reading cannot finish sending,
         // so the admin server gets a bounded wait.
         self.pipeline.tap().close();
@@ -135,6 +136,7 @@ impl App {
                 );
             }
         }
+        ended?;
         tracing::info!("stopped cleanly");
         Ok(())
     }
@@ -156,7 +158,9 @@ enum SessionEnd {
 }
 
 impl Session {
-    async fn run(&self, shutdown: &CancellationToken) {
+    /// Connects, consumes and reconnects until shutdown; only a queue that exists with
+    /// other arguments (no retry can change it) ends it early.
+    async fn run(&self, shutdown: &CancellationToken) -> Result<(), broker::QueueMismatch> {
         let reconnects = Backoff {
             initial: Duration::from_secs(1),
             max: MAX_RECONNECT_BACKOFF,
@@ -175,6 +179,13 @@ impl Session {
             };
             let (connection, node) = match connected {
                 Ok(connected) => connected,
+                Err(broker::ConnectError::QueueArguments(mismatch)) => {
+                    self.health.set_broker(false);
+                    self.pipeline
+                        .shutdown(Instant::now(), Instant::now() + Duration::from_secs(1))
+                        .await;
+                    return Err(mismatch);
+                }
                 Err(e) => {
                     metrics::broker_connect(false);
                     self.health.set_broker(false);
@@ -208,7 +219,7 @@ impl Session {
                     // Whatever is left of the second after shutdown_timeout.
                     let closing = connection.close(200, "crisp-bridge stopping".into());
                     let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
-                    return;
+                    return Ok(());
                 }
                 SessionEnd::BrokerLost(why) => {
                     // The next node first: this one may be the one going away.
@@ -223,6 +234,7 @@ impl Session {
         self.pipeline
             .shutdown(now, now + Duration::from_secs(1))
             .await;
+        Ok(())
     }
 
     /// When shutdown must be over: `shutdown_timeout` after the signal, plus a second
@@ -259,7 +271,8 @@ impl Session {
     async fn consume(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
         let amqp = &self.config.amqp;
         let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
-        let (channel, consumer) = match broker::consume(connection, amqp, &tag).await {
+        // Dropping a lapin consumer cancels it: it lives until the channel is closed.
+        let (channel, mut consumer) = match broker::consume(connection, amqp, &tag).await {
             Ok(c) => c,
             Err(e) => return SessionEnd::BrokerLost(e.to_string()),
         };
@@ -271,7 +284,7 @@ impl Session {
             self.pipeline.stopping(),
         ));
         tokio::spawn(Arc::clone(&acks).run());
-        let end = self.pump(&acks, consumer, shutdown).await;
+        let end = self.pump(&acks, &mut consumer, shutdown).await;
         self.health.set_consuming(false);
         match end {
             SessionEnd::Shutdown => {
@@ -280,6 +293,7 @@ impl Session {
                 let _ = tokio::time::timeout_at(self.give_up_at(), acks.close()).await;
                 let closing = channel.close(200, "crisp-bridge stopping".into());
                 let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
+                drop(consumer);
             }
             SessionEnd::BrokerLost(_) => {
                 acks.session_lost();
@@ -293,7 +307,7 @@ impl Session {
     async fn pump(
         &self,
         acks: &Arc<Acks>,
-        mut consumer: Consumer,
+        consumer: &mut Consumer,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let channel = acks.channel();
@@ -313,6 +327,12 @@ impl Session {
             }
         }
         self.stopping_since();
+        if self.config.amqp.single_active_consumer {
+            // No cancel: RabbitMQ would make a standby active at once, while this pod
+            // still holds earlier messages. The consumer ends with the channel, and what
+            // it was sent and did not start goes back with it, in order.
+            return SessionEnd::Shutdown;
+        }
         // Stop the flow, then hand back what was prefetched but not started; a broker
         // that does not answer must not hold the shutdown past its bound.
         let tag = consumer.tag();

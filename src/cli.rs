@@ -23,6 +23,9 @@ macro_rules! eprintln {
 
 /// Exit code of `run` when the config is invalid (nothing was started).
 pub const EXIT_CONFIG: u8 = 64;
+/// Exit code of `run` when the broker's queue exists with other arguments than the config
+/// declares (sysexits' EX_CONFIG): restarting cannot help until one of them changes.
+pub const EXIT_QUEUE_MISMATCH: u8 = 78;
 /// Exit code of `map` when the message would be dead-lettered.
 pub const EXIT_DEAD_LETTER: u8 = 3;
 /// Exit code of a command whose output is a closed pipe (its reader, `head` say, went):
@@ -687,6 +690,10 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
     tokio::spawn(watch_signals(shutdown.clone()));
     match app.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<crate::broker::QueueMismatch>().is_some() => {
+            tracing::error!(error = %e, "cannot start: the queue does not match the config");
+            ExitCode::from(EXIT_QUEUE_MISMATCH)
+        }
         Err(e) => {
             tracing::error!(error = %e, "stopped with an error");
             ExitCode::FAILURE

@@ -75,6 +75,65 @@ pub enum ConnectError {
         port: u16,
         reason: String,
     },
+    /// Not worth retrying: the queue stays as it is until someone changes it or the config.
+    #[error(transparent)]
+    QueueArguments(#[from] QueueMismatch),
+}
+
+/// A queue exists with other arguments than the config declares (RabbitMQ answered
+/// 406 PRECONDITION_FAILED "inequivalent arg"). RabbitMQ cannot change a queue's
+/// arguments, so retrying cannot help: `run` stops (exit 78).
+#[derive(Debug, thiserror::Error)]
+#[error("queue `{queue}` already exists with another `{argument}` argument than this config declares, and RabbitMQ cannot change a queue's arguments (it said: {said}); {fix}")]
+pub struct QueueMismatch {
+    pub queue: String,
+    pub argument: String,
+    /// The broker's words (they name the queue, the vhost and both values; no secret).
+    pub said: String,
+    pub fix: String,
+}
+
+impl QueueMismatch {
+    /// The mismatch `error` reports, if it is one, for `queue` declared from `amqp`.
+    fn of(error: &lapin::Error, queue: &str, amqp: &AmqpConfig) -> Option<Self> {
+        let lapin::ErrorKind::ProtocolError(e) = error.kind() else {
+            return None;
+        };
+        let precondition = lapin::protocol::AMQPErrorKind::Soft(
+            lapin::protocol::AMQPSoftError::PRECONDITIONFAILED,
+        );
+        let said = e.get_message().as_str();
+        if *e.kind() != precondition || !said.contains("for queue '") {
+            return None;
+        }
+        // "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': ..."
+        let (_, rest) = said.split_once("inequivalent arg '")?;
+        let (argument, _) = rest.split_once('\'')?;
+        let key = match argument {
+            "x-single-active-consumer" => Some(format!(
+                "amqp.single_active_consumer (now {})",
+                amqp.single_active_consumer
+            )),
+            "x-queue-type" => Some("amqp.queue_type".to_owned()),
+            "x-delivery-limit" => {
+                Some(format!("amqp.delivery_limit (now {})", amqp.delivery_limit))
+            }
+            "x-dead-letter-exchange" => Some("amqp.dead_letter_exchange".to_owned()),
+            _ => None,
+        };
+        let matching = match key {
+            Some(key) => format!("set {key} to match the existing queue"),
+            None => "declare the queue yourself and set amqp.declare = false".to_owned(),
+        };
+        Some(Self {
+            queue: queue.to_owned(),
+            argument: argument.to_owned(),
+            said: said.to_owned(),
+            fix: format!(
+                "to fix it, either {matching}, or stop every bridge, move or drain the queue's messages and delete the queue (`rabbitmqctl delete_queue {queue}`) so that the bridge declares it again"
+            ),
+        })
+    }
 }
 
 trait Context<T> {
@@ -174,12 +233,13 @@ fn bad_url_message(amqp: &AmqpConfig, why: &str) -> String {
 
 /// Declares the topic exchange, the dead-letter exchange (fanout) and queue, the main
 /// queue with its dead-letter arguments, and one binding per rule pattern. All
-/// declarations are idempotent; a mismatch with an existing queue is reported as is.
+/// declarations are idempotent; a queue that exists with other arguments is a
+/// [`QueueMismatch`].
 pub async fn declare_topology(
     channel: &Channel,
     amqp: &AmqpConfig,
     patterns: &[&str],
-) -> Result<(), BrokerError> {
+) -> Result<(), ConnectError> {
     let (durable_exchange, durable_queue) = durable();
     channel
         .exchange_declare(
@@ -195,16 +255,31 @@ pub async fn declare_topology(
                 amqp.exchange
             )
         })?;
-    declare_dead_letter_topology(channel, amqp).await?;
-    channel
-        .queue_declare(amqp.queue.as_str().into(), durable_queue, main_queue_args(amqp))
+    declare_dead_letter_topology(channel, amqp)
         .await
-        .context(|| {
-            format!(
-                "declaring queue `{}` (an existing queue with other arguments must be deleted or amqp.declare set to false)",
-                amqp.queue
-            )
-        })?;
+        .map_err(
+            |e| match QueueMismatch::of(&e.source, &amqp.dead_letter_queue, amqp) {
+                Some(mismatch) => mismatch.into(),
+                None => ConnectError::from(e),
+            },
+        )?;
+    let declared = channel
+        .queue_declare(
+            amqp.queue.as_str().into(),
+            durable_queue,
+            main_queue_args(amqp),
+        )
+        .await;
+    if let Err(source) = declared {
+        if let Some(mismatch) = QueueMismatch::of(&source, &amqp.queue, amqp) {
+            return Err(mismatch.into());
+        }
+        return Err(BrokerError {
+            what: format!("declaring queue `{}` (amqp.queue)", amqp.queue),
+            source,
+        }
+        .into());
+    }
     for pattern in patterns {
         channel
             .queue_bind(
@@ -315,6 +390,10 @@ pub fn main_queue_args(amqp: &AmqpConfig) -> FieldTable {
             AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
         );
     }
+    if amqp.single_active_consumer {
+        // Only when set: a queue declared before the option existed keeps matching.
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     args
 }
 
@@ -381,6 +460,62 @@ mod tests {
             "{text}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn refusal(code: lapin::protocol::AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            lapin::protocol::AMQPErrorKind::Soft(code),
+            text.into(),
+        ))
+        .into()
+    }
+
+    #[test]
+    fn an_inequivalent_queue_argument_names_the_queue_the_argument_and_the_fix() {
+        use lapin::protocol::AMQPSoftError;
+        let amqp = AmqpConfig {
+            single_active_consumer: true,
+            ..AmqpConfig::default()
+        };
+        let said = "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'q1' in vhost '/': received the value 'true' of type 'bool' but current is none";
+        let e = QueueMismatch::of(
+            &refusal(AMQPSoftError::PRECONDITIONFAILED, said),
+            "q1",
+            &amqp,
+        )
+        .expect("a mismatch");
+        assert_eq!(e.argument, "x-single-active-consumer");
+        let text = e.to_string();
+        for needed in [
+            "queue `q1`",
+            "`x-single-active-consumer`",
+            "amqp.single_active_consumer (now true)",
+            "rabbitmqctl delete_queue q1",
+            said,
+        ] {
+            assert!(text.contains(needed), "no {needed:?} in {text}");
+        }
+        let other = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q1' in vhost '/': received none but current is the value '10' of type 'long'";
+        let e = QueueMismatch::of(
+            &refusal(AMQPSoftError::PRECONDITIONFAILED, other),
+            "q1",
+            &amqp,
+        )
+        .expect("a mismatch");
+        assert!(e.to_string().contains("amqp.declare = false"), "{e}");
+        // An exchange of another type, or another refusal, is not a queue mismatch.
+        let exchange = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x' in vhost '/': received 'topic' but current is 'fanout'";
+        assert!(QueueMismatch::of(
+            &refusal(AMQPSoftError::PRECONDITIONFAILED, exchange),
+            "q1",
+            &amqp
+        )
+        .is_none());
+        let denied = "ACCESS_REFUSED - access to queue 'q1' in vhost '/' refused";
+        assert!(
+            QueueMismatch::of(&refusal(AMQPSoftError::ACCESSREFUSED, denied), "q1", &amqp)
+                .is_none()
+        );
     }
 
     #[test]

@@ -320,6 +320,11 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Messages the broker hands to one pod before it acks any.
     pub prefetch: u16,
+    /// Declare the queue with `x-single-active-consumer`: one pod consumes at a time, the
+    /// others stand by and take over when it goes, so one person's events reach Crisp in
+    /// order across pods and failovers. An existing queue must have been declared the
+    /// same way (RabbitMQ cannot change it): otherwise `run` exits 78.
+    pub single_active_consumer: bool,
     /// Declare exchange, queue, bindings and dead-letter topology at start.
     pub declare: bool,
     /// Durable fanout exchange dead letters are published to.
@@ -385,6 +390,7 @@ impl Default for AmqpConfig {
             queue: "crisp-bridge".into(),
             queue_type: QueueType::Quorum,
             prefetch: 64,
+            single_active_consumer: false,
             declare: true,
             dead_letter_exchange: "crisp-bridge.dlx".into(),
             dead_letter_queue: "crisp-bridge.dead".into(),

@@ -125,6 +125,10 @@ pub struct PipelineSettings {
     /// The dead-letter topology to declare again when a dead-letter copy finds no
     /// queue (`amqp.declare = true`); `None`: never declared by us.
     pub redeclare: Option<Arc<AmqpConfig>>,
+    /// With a single active consumer: what goes back once shutdown began is left
+    /// unsettled, for the broker to take back when the channel closes (see
+    /// [`Pipeline::finish`]).
+    pub leave_to_broker_at_shutdown: bool,
 }
 
 pub struct Pipeline {
@@ -350,6 +354,19 @@ impl Pipeline {
         // A `&'static str` picked by a match: kept for the tap, whether anyone listens.
         let mut reason = happened.reason();
         let mut disposition = fate(happened, settings);
+        if self.settings.leave_to_broker_at_shutdown
+            && self.stopping.is_cancelled()
+            && matches!(disposition, Disposition::Requeue(_))
+        {
+            // This pod stays the active consumer until its channel closes (it does not
+            // cancel: a cancel would make a standby active at once, ahead of what this
+            // pod holds), so a requeue would only come back here, counting toward the
+            // delivery limit each time. Left open (no `multiple` ack covers it), it goes
+            // back when the channel closes: the broker puts everything this pod held at
+            // the head of the queue, in delivery order, then hands the queue over.
+            metrics::message(rule, MessageOutcome::Requeued);
+            return true;
+        }
         match Settlement::of(&disposition) {
             // Sent by the session's flusher, usually with others (`multiple`).
             None => acks.ack(delivery.delivery_tag),

@@ -11,6 +11,7 @@ mod failures;
 mod holds;
 mod hostile;
 mod kit;
+mod ordered_failover;
 mod pipes;
 mod process;
 mod proxy;

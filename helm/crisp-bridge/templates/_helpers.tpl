@@ -209,6 +209,11 @@ Usage: include "crisp-bridge.normalize" (dict "v" $value "out" $dict "key" "k")
 {{- end }}
 {{- $_ := set $src $v.section $section }}
 {{- end }}
+{{- if include "crisp-bridge.singleActiveConsumer" . }}
+{{- $amqp := get $src "amqp" | default dict }}
+{{- $_ := set $amqp "single_active_consumer" true }}
+{{- $_ := set $src "amqp" $amqp }}
+{{- end }}
 {{- $holder := dict }}
 {{- include "crisp-bridge.normalize" (dict "v" $src "out" $holder "key" "cfg") }}
 {{- get $holder "cfg" | toToml }}
@@ -265,7 +270,16 @@ Usage: include "crisp-bridge.normalize" (dict "v" $value "out" $dict "key" "k")
 - name: {{ $v.env }}
   value: {{ $v.value | quote }}
 {{- end }}
+{{- if .Values.singleActiveConsumer }}
+- name: CRISP_BRIDGE_AMQP__SINGLE_ACTIVE_CONSUMER
+  value: "true"
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when one pod consumes at a time (singleActiveConsumer, or the same key set in config), else empty. */}}
+{{- define "crisp-bridge.singleActiveConsumer" -}}
+{{- if or .Values.singleActiveConsumer (dig "amqp" "single_active_consumer" false .Values.config) }}true{{ end }}
 {{- end }}
 
 {{/* Checks that span several values; included by the Deployment. */}}
@@ -277,6 +291,14 @@ Usage: include "crisp-bridge.normalize" (dict "v" $value "out" $dict "key" "k")
 {{- end }}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are mutually exclusive: both would scale the same Deployment. Enable only one." }}
+{{- end }}
+{{- if include "crisp-bridge.singleActiveConsumer" . }}
+{{- if .Values.keda.enabled }}
+{{- fail "singleActiveConsumer and keda.enabled do not go together: with a single active consumer one pod consumes and every other pod only stands by, so scaling on the queue length adds idle standbys, never throughput. Disable keda and set replicaCount (2 or 3: one active, the others standing by for failover)." }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- fail "singleActiveConsumer and autoscaling.enabled do not go together: with a single active consumer one pod consumes and every other pod only stands by, so scaling on CPU adds idle standbys, never throughput. Disable autoscaling and set replicaCount (2 or 3: one active, the others standing by for failover)." }}
+{{- end }}
 {{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both." }}
