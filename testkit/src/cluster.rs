@@ -139,7 +139,11 @@ impl Cluster {
     pub async fn ensure_all(&self) {
         let mut down = Vec::new();
         for node in &self.nodes {
-            if self.ctl(node, &["await_startup", "--timeout", "2"]).await.is_err() {
+            if self
+                .ctl(node, &["await_startup", "--timeout", "2"])
+                .await
+                .is_err()
+            {
                 down.push(node.clone());
             }
         }
@@ -181,20 +185,28 @@ impl Cluster {
 
     /// Waits until `node` runs its application and the other nodes see it.
     pub async fn await_running(&self, node: &str) {
-        eventually_within(NODE_WAIT, &format!("{node} running in the cluster"), || async {
-            if self.ctl(node, &["await_startup", "--timeout", "5"]).await.is_err() {
-                return None;
-            }
-            for other in &self.nodes {
-                if other != node && self.ctl(other, &["status"]).await.is_ok() {
-                    let running = self.running_nodes(other).await;
-                    if !running.iter().any(|n| n == node) {
-                        return None;
+        eventually_within(
+            NODE_WAIT,
+            &format!("{node} running in the cluster"),
+            || async {
+                if self
+                    .ctl(node, &["await_startup", "--timeout", "5"])
+                    .await
+                    .is_err()
+                {
+                    return None;
+                }
+                for other in &self.nodes {
+                    if other != node && self.ctl(other, &["status"]).await.is_ok() {
+                        let running = self.running_nodes(other).await;
+                        if !running.iter().any(|n| n == node) {
+                            return None;
+                        }
                     }
                 }
-            }
-            Some(())
-        })
+                Some(())
+            },
+        )
         .await;
     }
 
@@ -244,11 +256,15 @@ impl Cluster {
 
     /// Waits until quorum queue `name` has a member on every node, each online.
     pub async fn await_replicated(&self, name: &str) {
-        eventually_within(NODE_WAIT, &format!("{name} online on every node"), || async {
-            let (_, members, online) = self.quorum_status(name).await?;
-            let all = |l: &[String]| self.nodes.iter().all(|n| l.contains(n));
-            (all(&members) && all(&online)).then_some(())
-        })
+        eventually_within(
+            NODE_WAIT,
+            &format!("{name} online on every node"),
+            || async {
+                let (_, members, online) = self.quorum_status(name).await?;
+                let all = |l: &[String]| self.nodes.iter().all(|n| l.contains(n));
+                (all(&members) && all(&online)).then_some(())
+            },
+        )
         .await;
     }
 

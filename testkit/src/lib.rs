@@ -2,7 +2,8 @@
 //! ([`amqp_url`]: `AMQP_URL`, else testcontainers), unique [`Names`], one config builder
 //! ([`TestConfig`]), the Crisp sandbox, the bridge in process ([`TestApp`]) or as a child
 //! process ([`Bridge`]) on that same config, a broker client, one TCP [`Proxy`] that cuts,
-//! half-closes, freezes and taps, a three-node [`Cluster`] to fail node by node, and [`eventually`] for waiting on conditions.
+//! half-closes, freezes and taps, a three-node [`Cluster`] to fail node by node, and
+//! [`eventually`] for waiting on conditions.
 
 mod app;
 mod broker;
@@ -16,8 +17,8 @@ pub use broker::{
     amqp_url, amqp_url_via, broker_addr, delete_topology, delete_topology_at, header, load_message,
     BrokerClient, DEFAULT_RABBITMQ_IMAGE,
 };
-pub use cluster::{Cluster, NODE_WAIT};
 pub use child::{arg, bin_from_env, default_bin, free_port, Bridge, BridgeCommand};
+pub use cluster::{Cluster, NODE_WAIT};
 pub use config::{Names, TestConfig, LOAD_RULES, RULES};
 pub use proxy::{frames, Chunk, Frame, Proxy};
 

@@ -9,8 +9,8 @@
 
 use crisp_bridge::sandbox::Sandbox;
 use crisp_bridge_testkit::{
-    auto_profiles, delete_topology_at, eventually_within, free_port, sandbox, Bridge,
-    BrokerClient, Cluster, Names, TestConfig,
+    auto_profiles, delete_topology_at, eventually_within, free_port, sandbox, Bridge, BrokerClient,
+    Cluster, Names, TestConfig,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -101,8 +101,8 @@ impl Publisher {
                     while !stop.load(Ordering::Relaxed) {
                         let body = serde_json::json!({"email": format!("p{next}@b.io"), "phase": "started"})
                             .to_string();
-                        let props =
-                            BasicProperties::default().with_message_id(format!("evt-{next}").into());
+                        let props = BasicProperties::default()
+                            .with_message_id(format!("evt-{next}").into());
                         let publish = async {
                             let confirm = channel
                                 .basic_publish(
@@ -299,7 +299,12 @@ impl World {
     /// The URL of a node that answers.
     async fn live_url(&self) -> String {
         for (node, url) in self.cluster.nodes.iter().zip(&self.cluster.urls) {
-            if self.cluster.ctl(node, &["await_startup", "--timeout", "2"]).await.is_ok() {
+            if self
+                .cluster
+                .ctl(node, &["await_startup", "--timeout", "2"])
+                .await
+                .is_ok()
+            {
                 return url.clone();
             }
         }
@@ -344,10 +349,13 @@ async fn stop_the_bridges_node(cluster: Cluster, test: &str, bridge_urls: Vec<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridges_node_stopped_with_every_url_given() {
-    on_cluster("the_bridges_node_stopped_with_every_url_given", |c| async move {
-        let urls = c.urls.clone();
-        stop_the_bridges_node(c, "stop-urls", urls).await;
-    })
+    on_cluster(
+        "the_bridges_node_stopped_with_every_url_given",
+        |c| async move {
+            let urls = c.urls.clone();
+            stop_the_bridges_node(c, "stop-urls", urls).await;
+        },
+    )
     .await;
 }
 
@@ -355,70 +363,81 @@ async fn the_bridges_node_stopped_with_every_url_given() {
 async fn the_bridges_node_stopped_behind_a_load_balancer() {
     // One address, as a Kubernetes Service gives: haproxy's health check takes the
     // stopped node out, the bridge's reconnect lands on a live one.
-    on_cluster("the_bridges_node_stopped_behind_a_load_balancer", |c| async move {
-        let urls = vec![c.lb_url.clone()];
-        stop_the_bridges_node(c, "stop-lb", urls).await;
-    })
+    on_cluster(
+        "the_bridges_node_stopped_behind_a_load_balancer",
+        |c| async move {
+            let urls = vec![c.lb_url.clone()];
+            stop_the_bridges_node(c, "stop-lb", urls).await;
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quorum_leaders_node_killed_mid_drain() {
-    on_cluster("the_quorum_leaders_node_killed_mid_drain", |cluster| async move {
-        let test = "leader-killed";
-        let mut world = World::start(&cluster, test, &cluster.urls).await;
-        // A backlog, so the bridge is draining when the leader dies.
-        let seed = BrokerClient::connect_to(&cluster.urls[0]).await;
-        for i in 0..300 {
-            let body = serde_json::json!({"email": format!("seed{i}@b.io"), "phase": "started"});
-            seed.publish(
-                &world.names.exchange,
-                "trial.started",
-                body.to_string().as_bytes(),
-                BasicProperties::default().with_message_id(format!("seed-{i}").into()),
+    on_cluster(
+        "the_quorum_leaders_node_killed_mid_drain",
+        |cluster| async move {
+            let test = "leader-killed";
+            let mut world = World::start(&cluster, test, &cluster.urls).await;
+            // A backlog, so the bridge is draining when the leader dies.
+            let seed = BrokerClient::connect_to(&cluster.urls[0]).await;
+            for i in 0..300 {
+                let body =
+                    serde_json::json!({"email": format!("seed{i}@b.io"), "phase": "started"});
+                seed.publish(
+                    &world.names.exchange,
+                    "trial.started",
+                    body.to_string().as_bytes(),
+                    BasicProperties::default().with_message_id(format!("seed-{i}").into()),
+                )
+                .await;
+            }
+            drop(seed);
+            let publisher = Publisher::start(
+                cluster.urls.clone(),
+                world.names.exchange.clone(),
+                Duration::from_millis(5),
+            );
+            world.await_events(50).await;
+            let leader = cluster.leader(&world.names.queue).await;
+            let on = world.bridge_node().await;
+            let before = world.events();
+            let failed = Instant::now();
+            cluster.kill(&leader).await;
+            let took = world
+                .failover(
+                    &format!("{test}: SIGKILL {leader} (leader; bridge on {on})"),
+                    failed,
+                    before,
+                )
+                .await;
+            let queue = world.names.queue.clone();
+            eventually_within(
+                Duration::from_secs(30),
+                "another member to lead",
+                || async {
+                    let now = cluster.leader(&queue).await;
+                    (now != leader).then_some(())
+                },
             )
             .await;
-        }
-        drop(seed);
-        let publisher = Publisher::start(
-            cluster.urls.clone(),
-            world.names.exchange.clone(),
-            Duration::from_millis(5),
-        );
-        world.await_events(50).await;
-        let leader = cluster.leader(&world.names.queue).await;
-        let on = world.bridge_node().await;
-        let before = world.events();
-        let failed = Instant::now();
-        cluster.kill(&leader).await;
-        let took = world
-            .failover(
-                &format!("{test}: SIGKILL {leader} (leader; bridge on {on})"),
-                failed,
-                before,
-            )
-            .await;
-        let queue = world.names.queue.clone();
-        eventually_within(Duration::from_secs(30), "another member to lead", || async {
-            let now = cluster.leader(&queue).await;
-            (now != leader).then_some(())
-        })
-        .await;
-        cluster.ensure_all().await;
-        cluster.await_replicated(&world.names.queue).await;
-        let published = publisher.count();
-        world.await_events(300 + published + 50).await;
-        world.settle(test, publisher, &[took]).await;
-        let seeds: HashSet<String> = world
-            .sandbox
-            .state
-            .events()
-            .iter()
-            .filter(|e| e.people_id.starts_with("seed"))
-            .map(|e| e.people_id.clone())
-            .collect();
-        assert_eq!(seeds.len(), 300, "every message of the backlog arrived");
-    })
+            cluster.ensure_all().await;
+            cluster.await_replicated(&world.names.queue).await;
+            let published = publisher.count();
+            world.await_events(300 + published + 50).await;
+            world.settle(test, publisher, &[took]).await;
+            let seeds: HashSet<String> = world
+                .sandbox
+                .state
+                .events()
+                .iter()
+                .filter(|e| e.people_id.starts_with("seed"))
+                .map(|e| e.people_id.clone())
+                .collect();
+            assert_eq!(seeds.len(), 300, "every message of the backlog arrived");
+        },
+    )
     .await;
 }
 

@@ -498,7 +498,10 @@ async fn a_silent_node_is_noticed_by_heartbeats_and_the_next_node_is_used() {
     .await;
     let took = froze.elapsed();
     eprintln!("silent node: consuming through the next node {took:.2?} after the freeze");
-    assert!(second.accepted() >= 1, "the bridge moved to the second node");
+    assert!(
+        second.accepted() >= 1,
+        "the bridge moved to the second node"
+    );
     // Two missed 1 s heartbeats, then the reconnect, with slack for a loaded machine.
     assert!(
         took < Duration::from_secs(5),
