@@ -2,11 +2,13 @@
 //! ([`amqp_url`]: `AMQP_URL`, else testcontainers), unique [`Names`], one config builder
 //! ([`TestConfig`]), the Crisp sandbox, the bridge in process ([`TestApp`]) or as a child
 //! process ([`Bridge`]) on that same config, a broker client, one TCP [`Proxy`] that cuts,
-//! half-closes and taps, and [`eventually`] for waiting on conditions.
+//! half-closes, freezes and taps, a three-node [`Cluster`] to fail node by node, and
+//! [`eventually`] for waiting on conditions.
 
 mod app;
 mod broker;
 mod child;
+mod cluster;
 mod config;
 mod proxy;
 
@@ -16,6 +18,7 @@ pub use broker::{
     BrokerClient, DEFAULT_RABBITMQ_IMAGE,
 };
 pub use child::{arg, bin_from_env, default_bin, free_port, Bridge, BridgeCommand};
+pub use cluster::{Cluster, NODE_WAIT};
 pub use config::{Names, TestConfig, LOAD_RULES, RULES};
 pub use proxy::{frames, Chunk, Frame, Proxy};
 

@@ -1,13 +1,14 @@
 //! One TCP proxy in front of the broker, for every failure the tests stage: cut every
 //! connection (a network failure), half-close them (the broker's end of the stream, then
-//! waiting for the client to let go), and a tap that keeps every byte with its time.
+//! waiting for the client to let go), freeze them (a silent node: nothing passes, nothing
+//! closes), and a tap that keeps every byte with its time.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,8 @@ struct Shared {
     /// `Some` when tapping.
     chunks: Option<Mutex<Vec<Chunk>>>,
     accepted: Mutex<usize>,
+    /// `true` while frozen: no byte is passed on, either way.
+    frozen: watch::Sender<bool>,
 }
 
 /// A TCP proxy to `target` (the broker).
@@ -118,6 +121,18 @@ impl Proxy {
         closed
     }
 
+    /// Stops passing bytes on, both ways and for connections opened later too, without
+    /// closing anything: the node went silent (a frozen VM, a network that drops
+    /// packets). Bytes read meanwhile are held until [`Proxy::thaw`].
+    pub fn freeze(&self) {
+        self.shared.frozen.send_replace(true);
+    }
+
+    /// Passes bytes on again after [`Proxy::freeze`].
+    pub fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
+    }
+
     /// How many connections the proxy accepted.
     pub fn accepted(&self) -> usize {
         *self.shared.accepted.lock().expect("proxy lock")
@@ -151,6 +166,7 @@ async fn relay(
     let Ok(mut broker) = TcpStream::connect(target).await else {
         return;
     };
+    let frozen = shared.frozen.subscribe();
     let keep = |from_client: bool, bytes: &[u8]| {
         if let Some(chunks) = &shared.chunks {
             chunks.lock().expect("tap lock").push(Chunk {
@@ -167,8 +183,8 @@ async fn relay(
         // Each direction on its own, so a slow reader on one side never stalls the other.
         tokio::select! {
             _ = half_close.cancelled() => true,
-            _ = pump(&mut client_read, &mut broker_write, true, &keep) => false,
-            _ = pump(&mut broker_read, &mut client_write, false, &keep) => false,
+            _ = pump(&mut client_read, &mut broker_write, true, &keep, frozen.clone()) => false,
+            _ = pump(&mut broker_read, &mut client_write, false, &keep, frozen.clone()) => false,
         }
     };
     if !half_closed {
@@ -186,16 +202,18 @@ async fn relay(
 }
 
 /// Copies `from` to `to` until either ends, keeping each chunk before it is passed on
-/// (so a reply never precedes its cause).
+/// (so a reply never precedes its cause); while `frozen`, holds what it read.
 async fn pump(
     from: &mut (impl AsyncReadExt + Unpin),
     to: &mut (impl AsyncWriteExt + Unpin),
     from_client: bool,
     keep: &impl Fn(bool, &[u8]),
+    mut frozen: watch::Receiver<bool>,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     while let Ok(n) = from.read(&mut buffer).await {
-        if n == 0 {
+        // Frozen, even an end of stream is held: a silent node closes nothing.
+        if frozen.wait_for(|f| !*f).await.is_err() || n == 0 {
             return;
         }
         keep(from_client, &buffer[..n]);

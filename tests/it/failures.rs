@@ -447,3 +447,88 @@ async fn the_next_node_is_tried_when_one_is_down() {
     );
     app.stop_with_empty_queues().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_noticed_by_heartbeats_and_the_next_node_is_used() {
+    // The first node goes silent (the proxy freezes: nothing passes, nothing closes), as
+    // a frozen VM or a network dropping packets looks. With 1 s heartbeats the bridge
+    // gives that connection up after two missed ones and consumes through the second.
+    let silent = Proxy::start(broker_addr().await).await;
+    let second = Proxy::start(broker_addr().await).await;
+    let urls = [
+        amqp_url_via(silent.addr).await,
+        amqp_url_via(second.addr).await,
+    ];
+    let mut app = TestApp::builder("silent-node")
+        .sandbox(auto_profiles())
+        .config(&format!(
+            "[amqp]\nheartbeat = \"1s\"\nurls = [\"{}\", \"{}\"]",
+            urls[0], urls[1]
+        ))
+        .start()
+        .await;
+    let n = 20;
+    app.publish_people(n / 2).await;
+    app.events(n / 2).await;
+    assert_eq!(
+        (silent.accepted(), second.accepted()),
+        (1, 0),
+        "the bridge consumes through the first node"
+    );
+    silent.freeze();
+    let froze = Instant::now();
+    // Published while the first node is silent: nobody can take them until the bridge
+    // is on the second.
+    for i in n / 2..n {
+        let body = json!({"email": format!("p{i}@b.io"), "phase": "started"}).to_string();
+        let props = lapin::BasicProperties::default().with_message_id(format!("evt-{i}").into());
+        app.publish_with("trial.started", body.as_bytes(), props)
+            .await;
+    }
+    let state = app.sandbox.state.clone();
+    eventually("an event through the second node", || {
+        let events = state.events();
+        async move {
+            events
+                .iter()
+                .any(|e| e.people_id == format!("p{}@b.io", n / 2))
+                .then_some(())
+        }
+    })
+    .await;
+    let took = froze.elapsed();
+    eprintln!("silent node: consuming through the next node {took:.2?} after the freeze");
+    assert!(
+        second.accepted() >= 1,
+        "the bridge moved to the second node"
+    );
+    // Two missed 1 s heartbeats, then the reconnect, with slack for a loaded machine.
+    assert!(
+        took < Duration::from_secs(5),
+        "the silent node was noticed only after {took:?}"
+    );
+    let events = app.events_for_people(n).await;
+    eprintln!(
+        "silent node: {n} published, {n} delivered, {} duplicate(s)",
+        events.len() - n
+    );
+    app.stop().await;
+    silent.thaw();
+    assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
+    // What the silent connection held unacked went back to the queue when the broker
+    // gave up on it; if that was after the stop, those are copies of delivered messages.
+    while let Some(left) = app.broker.get(&app.names.queue).await {
+        let id = left
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let i: usize = id
+            .trim_start_matches("evt-")
+            .parse()
+            .expect("a test message id");
+        assert!(i < n, "unexpected message {id}");
+    }
+}
