@@ -35,6 +35,9 @@ pub(super) const SLOW_START_RATE: f64 = 10.0;
 /// round trip before the first 429 are about `g / (1 + g)` of what the limit admits at
 /// once (a token bucket's burst), so a doubling (g = 1) costs half of it.
 const SLOW_START_GROWTH: f64 = 0.25;
+/// The fastest the slow start grows, whatever the round trip: from 10/s to unpaced in a
+/// quarter of a second of saturated sending.
+const SLOW_START_DOUBLING: Duration = Duration::from_millis(25);
 /// Round trips shorter than this count as this long.
 const SLOW_START_MIN_RTT: Duration = Duration::from_millis(1);
 /// A slow start that gets this far without a 429 ends: no pacing at all (only the
@@ -206,8 +209,16 @@ impl Pacing {
             .duration_since(self.last_answer)
             .min(Duration::from_secs_f64(2.0 / rate));
         self.last_answer = now;
-        let round_trips = (since.as_secs_f64() / rtt.as_secs_f64()).min(64.0);
-        let grown = rate * (1.0 + SLOW_START_GROWTH).powf(round_trips);
+        let round_trips = since.as_secs_f64() / rtt.as_secs_f64();
+        // And at most a doubling per [`SLOW_START_DOUBLING`]: against a Crisp answering at
+        // once the round trips alone would reach thousands a second before a limiter's
+        // burst is spent, and every concurrency slot would meet its first 429 together.
+        let doublings = since.as_secs_f64() / SLOW_START_DOUBLING.as_secs_f64();
+        let grown = rate
+            * (1.0 + SLOW_START_GROWTH)
+                .powf(round_trips)
+                .min(2f64.powf(doublings))
+                .min(2.0);
         if grown > SLOW_START_EXIT {
             self.learned = None;
             self.slow_start = false;
@@ -306,11 +317,21 @@ mod tests {
         pacing.accepted(t0 + ms(60_000), t0 + ms(60_100));
         let expected = expected * 1.25f64.powf(2.0 / expected / 0.1);
         assert!((pacing.rate().unwrap() - expected).abs() < 1e-6);
-        // A Crisp answering at once: unpaced at the first answer after a paced interval.
+        // A Crisp answering at once: a doubling per 25 ms of saturated sending at most,
+        // however short the round trip, so unpaced after about a third of a second.
         let mut pacing = Pacing::new(0.0);
-        let t0 = pacing.last_answer;
-        pacing.accepted(t0 + ms(100), t0 + ms(100));
-        assert_eq!(pacing.rate(), None, "past 10,000/s the slow start ends");
+        let start = pacing.last_answer;
+        let mut at = start;
+        while let Some(rate) = pacing.rate() {
+            at += Duration::from_secs_f64(1.0 / rate);
+            pacing.accepted(at, at);
+            assert!(
+                pacing.rate().is_none_or(|r| r <= 2.0 * rate),
+                "at most a doubling"
+            );
+        }
+        let ramp = at.duration_since(start);
+        assert!(ramp >= ms(250) && ramp <= ms(450), "unpaced after {ramp:?}");
         assert!(!pacing.throttled());
     }
 
