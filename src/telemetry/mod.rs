@@ -12,6 +12,7 @@ use std::fmt;
 use std::io::{self, IsTerminal};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
@@ -55,7 +56,8 @@ pub fn init_logging_with(config: &LogConfig, traces: Option<&traces::Traces>) {
         fmt.fmt_fields(EscapeControls::default()).boxed()
     };
     let result = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        // Message spans are seen at any log level: lines inside them carry their ids.
+        .with(fmt.with_filter(filter.or(traces::spans())))
         .with(traces.map(|t| t.layer()))
         .try_init();
     // Already initialised (tests run several apps in one process): keep the first.

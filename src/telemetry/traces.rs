@@ -38,6 +38,11 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// The most of a collector's answer read (an `ExportTraceServiceResponse` is a few bytes).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
+/// What the exporter takes: the spans of [`TARGET`] (only spans are made there).
+pub fn spans() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO)
+}
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Tracing is on: the exporter is installed. One relaxed load.
@@ -101,10 +106,7 @@ impl Traces {
             .with_target(false)
             .with_tracked_inactivity(false)
             // Only our spans: never log events (they may hold what logs mask).
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target(TARGET, tracing::Level::INFO),
-            )
+            .with_filter(spans())
     }
 
     /// Marks tracing on; from now on messages get spans.
@@ -313,4 +315,65 @@ fn remember_ids(span: &Span) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn extracted(headers: &[(&str, AMQPValue)]) -> opentelemetry::trace::SpanContext {
+        let mut table = FieldTable::default();
+        for (name, value) in headers {
+            table.insert((*name).into(), value.clone());
+        }
+        let cx = TraceContextPropagator::new().extract(&AmqpHeaders(&table));
+        cx.span().span_context().clone()
+    }
+
+    fn long(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s))
+    }
+
+    #[test]
+    fn the_trace_context_comes_from_amqp_or_binary_cloudevents_headers() {
+        for name in [
+            "traceparent",
+            "cloudEvents:traceparent",
+            "cloudEvents_traceparent",
+        ] {
+            let sc = extracted(&[(name, long(PARENT)), ("tracestate", long("k=v"))]);
+            assert!(sc.is_valid(), "{name}");
+            assert_eq!(
+                sc.trace_id().to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+            assert!(sc.is_remote() && sc.is_sampled());
+            assert_eq!(sc.trace_state().get("k"), Some("v"), "{name}");
+        }
+        let short = AMQPValue::ShortString(ShortString::from(PARENT));
+        assert!(extracted(&[("traceparent", short)]).is_valid());
+        for bad in [
+            vec![],
+            vec![("traceparent", long("00-zz-00f067aa0ba902b7-01"))],
+            vec![("traceparent", AMQPValue::LongInt(7))],
+            vec![("other", long(PARENT))],
+        ] {
+            assert!(!extracted(&bad).is_valid(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn off_without_an_endpoint() {
+        // The test process sets none of these.
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+            && std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+        {
+            assert!(!requested());
+        }
+        assert!(!enabled());
+    }
 }
