@@ -1,14 +1,14 @@
 //! OTLP traces: a message published with a W3C `traceparent` gives a
 //! `crisp_bridge.message` span in that trace (child of the publisher's span) with a child
 //! span per Crisp request, exported over OTLP/HTTP protobuf to a receiver in this test;
-//! no trace header goes to Crisp; log lines inside carry the ids. With the receiver down,
-//! every message is still delivered.
+//! no trace header goes to Crisp; log lines inside carry the ids; the last spans leave at
+//! shutdown. With the collector down or never answering, every message is still delivered.
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use crisp_bridge_testkit::{auto_profiles, eventually, free_port, TestApp, TestEnv};
+use crisp_bridge_testkit::{auto_profiles, eventually, free_port, metric, TestApp, TestEnv};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -105,11 +105,19 @@ fn traced(id: &str, parent: &str) -> BasicProperties {
 }
 
 async fn spawn(env: &TestEnv, endpoint: &str) -> crisp_bridge_testkit::Bridge {
+    spawn_with_delay(env, endpoint, "100").await
+}
+
+async fn spawn_with_delay(
+    env: &TestEnv,
+    endpoint: &str,
+    delay_ms: &str,
+) -> crisp_bridge_testkit::Bridge {
     env.spawn(
         std::path::Path::new(env!("CARGO_BIN_EXE_crisp-bridge")),
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_BSP_SCHEDULE_DELAY", delay_ms),
             ("OTEL_SERVICE_NAME", "bridge-under-test"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
         ],
@@ -252,11 +260,29 @@ async fn a_message_continues_its_trace_with_a_crisp_request_span_and_no_header_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_collector_down_every_message_is_still_delivered_promptly() {
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let env = TestApp::builder("otel-down")
-        .sandbox(auto_profiles())
-        .env()
-        .await;
-    let bridge = spawn(&env, &closed).await;
+    delivered_despite("otel-down", &closed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_collector_that_never_answers_every_message_is_still_delivered_promptly() {
+    // Takes connections and never reads or answers them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    delivered_despite("otel-hang", &hanging).await;
+    held.abort();
+}
+
+/// Twenty traced messages reach Crisp and are acked within seconds, whatever the exporter
+/// does with their spans.
+async fn delivered_despite(test: &str, endpoint: &str) {
+    let env = TestApp::builder(test).sandbox(auto_profiles()).env().await;
+    let bridge = spawn(&env, endpoint).await;
     let started = Instant::now();
     for i in 0..20 {
         let body = serde_json::json!({"email": format!("p{i}@b.io"), "phase": "started"});
@@ -274,11 +300,52 @@ async fn with_the_collector_down_every_message_is_still_delivered_promptly() {
         "delivery waited on the exporter: {:?}",
         started.elapsed()
     );
-    eventually("the queue to be empty (all acked)", || async {
-        (env.broker.ready(&env.names.queue).await == 0).then_some(())
+    settled(&bridge, 20).await;
+    assert_eq!(env.broker.ready(&env.names.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_spans_are_sent_at_shutdown() {
+    let (endpoint, received) = receiver().await;
+    let env = TestApp::builder("otel-shutdown")
+        .sandbox(auto_profiles())
+        .env()
+        .await;
+    // Batches every minute: only the shutdown's flush can send this one in time.
+    let mut bridge = spawn_with_delay(&env, &endpoint, "60000").await;
+    let body = serde_json::json!({"email": "p1@b.io", "phase": "started"});
+    env.publish_with(
+        "trial.started",
+        body.to_string().as_bytes(),
+        traced(TRACE_ID, PARENT_ID),
+    )
+    .await;
+    env.events(1).await;
+    settled(&bridge, 1).await;
+    assert!(received.spans().is_empty(), "exported before the shutdown");
+    bridge.signal("TERM");
+    assert!(bridge.wait_exit().await.success());
+    let spans = received.spans();
+    assert!(
+        spans
+            .iter()
+            .any(|(_, s)| s.name == "crisp_bridge.message" && hex(&s.trace_id) == TRACE_ID),
+        "{spans:?}"
+    );
+}
+
+/// Waits until the child counted `n` messages delivered (and so acked).
+async fn settled(bridge: &crisp_bridge_testkit::Bridge, n: u32) {
+    eventually(&format!("{n} message(s) delivered and acked"), || async {
+        let body = bridge.metrics().await;
+        let delivered = metric(
+            &body,
+            "crisp_bridge_messages_total",
+            r#"rule="trial",outcome="delivered""#,
+        );
+        (delivered == Some(f64::from(n))).then_some(())
     })
     .await;
-    drop(bridge);
 }
 
 fn hex(bytes: &[u8]) -> String {
