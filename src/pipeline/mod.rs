@@ -14,7 +14,7 @@ mod triage;
 pub use backoff::{Backoff, Jitter};
 pub use fate::{fate, unmatched_detail, FateSettings, Happened};
 pub use flow::{CrispRoute, Flow, FlowState};
-pub use triage::{triage, Triaged};
+pub use triage::{triage, triage_seeing, Triaged};
 
 use crate::broker::acks::Acks;
 use crate::broker::settle::{settle, Settled, Settlement};
@@ -200,19 +200,25 @@ impl Pipeline {
         let received = Instant::now();
         let hand_back_at = received + self.settings.hand_back_after;
         // With traces off, this one atomic load is all they cost.
-        let span = if traces::enabled() {
+        let (span, parented) = if traces::enabled() {
             traces::message_span(&delivery, &self.settings.queue)
         } else {
-            Span::none()
+            (Span::none(), true)
         };
-        let triaged = span.in_scope(|| {
-            triage(
-                &self.router,
-                self.settings.max_message_bytes,
-                delivery.routing_key.as_str(),
-                &Incoming::from_delivery(&delivery),
-            )
-        });
+        let triaged = triage_seeing(
+            &self.router,
+            self.settings.max_message_bytes,
+            delivery.routing_key.as_str(),
+            &Incoming::from_delivery(&delivery),
+            |decoded| {
+                if !parented {
+                    traces::cloud_event_parent(&span, decoded);
+                }
+            },
+        );
+        if !span.is_disabled() {
+            traces::started(&span);
+        }
         let (mapped, id) = match triaged {
             Triaged::Event { mapped, id } => (mapped, id),
             Triaged::Done(happened) => {

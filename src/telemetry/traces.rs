@@ -219,9 +219,11 @@ impl Extractor for AmqpHeaders<'_> {
 }
 
 /// The `crisp_bridge.message` span of one delivery (call only when [`enabled`]): child of
-/// the trace context its headers carry, if any. `rule`, `outcome` and `reason` are
-/// recorded when it is settled ([`settled`]).
-pub fn message_span(delivery: &lapin::message::Delivery, queue: &str) -> Span {
+/// the trace context its headers carry, if any (then true). Until [`started`] a
+/// structured CloudEvent's `traceparent` may still become its parent
+/// ([`cloud_event_parent`]). `rule`, `outcome` and `reason` are recorded when it is
+/// settled ([`settled`]).
+pub fn message_span(delivery: &lapin::message::Delivery, queue: &str) -> (Span, bool) {
     let p = &delivery.properties;
     let span = tracing::info_span!(
         target: TARGET,
@@ -236,15 +238,41 @@ pub fn message_span(delivery: &lapin::message::Delivery, queue: &str) -> Span {
         outcome = tracing::field::Empty,
         reason = tracing::field::Empty,
     );
+    let mut parented = false;
     if let Some(headers) = p.headers() {
         let parent = TraceContextPropagator::new().extract(&AmqpHeaders(headers));
         if parent.span().span_context().is_valid() {
             // Cannot fail: the span is new and the layer is installed.
-            let _ = span.set_parent(parent);
+            parented = span.set_parent(parent).is_ok();
         }
     }
-    remember_ids(&span);
-    span
+    (span, parented)
+}
+
+/// A CloudEvent's `traceparent` / `tracestate` attributes (distributed tracing extension)
+/// as the span's parent: a structured CloudEvent carries them in its body.
+pub fn cloud_event_parent(span: &Span, decoded: &crate::decode::Decoded) {
+    if decoded.cloud_event.is_none() {
+        return;
+    }
+    let attribute = |name| decoded.doc.get(name).and_then(|v| v.as_str());
+    let Some(traceparent) = attribute("traceparent") else {
+        return;
+    };
+    let mut carrier = std::collections::HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if let Some(tracestate) = attribute("tracestate") {
+        carrier.insert("tracestate".to_owned(), tracestate.to_owned());
+    }
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Starts the span: from now on its parent is fixed and log lines inside carry its ids.
+pub fn started(span: &Span) {
+    remember_ids(span);
 }
 
 /// Records the message's fate on its span.

@@ -144,13 +144,28 @@ async fn a_message_continues_its_trace_with_a_crisp_request_span_and_no_header_t
     let other_trace = "0af7651916cd43dd8448eb211c80319c";
     env.publish_with("trial.started", b"not json", traced(other_trace, PARENT_ID))
         .await;
+    // A structured CloudEvent carries its trace context in its body (no headers).
+    let ce_trace = "11f067aa0ba902b700f067aa0ba902b7";
+    let event = serde_json::json!({
+        "specversion": "1.0", "id": "ce-1", "source": "/tests", "type": "trial.started",
+        "traceparent": format!("00-{ce_trace}-{PARENT_ID}-01"),
+        "email": "ce@b.io", "phase": "started",
+    });
+    env.publish_with(
+        "trial.started",
+        event.to_string().as_bytes(),
+        BasicProperties::default().with_content_type("application/cloudevents+json".into()),
+    )
+    .await;
     let spans = eventually("the message span and its Crisp request span", || {
         let spans = received.spans();
         async move {
             let message = spans
                 .iter()
                 .any(|(_, s)| s.name == "crisp_bridge.message" && hex(&s.trace_id) == TRACE_ID);
-            let request = spans.iter().any(|(_, s)| s.name.starts_with("POST "));
+            let request = spans
+                .iter()
+                .any(|(_, s)| s.kind == 3 && hex(&s.trace_id) == TRACE_ID);
             (message && request).then_some(spans)
         }
     })
@@ -183,7 +198,7 @@ async fn a_message_continues_its_trace_with_a_crisp_request_span_and_no_header_t
     }
     let (_, request) = spans
         .iter()
-        .find(|(_, s)| s.name.starts_with("POST "))
+        .find(|(_, s)| s.kind == 3 && hex(&s.trace_id) == TRACE_ID)
         .unwrap();
     assert_eq!(
         request.name,
@@ -226,6 +241,21 @@ async fn a_message_continues_its_trace_with_a_crisp_request_span_and_no_header_t
             );
         }
     }
+    let ce = eventually("the CloudEvent's span", || {
+        let spans = received.spans();
+        async move {
+            spans
+                .into_iter()
+                .find(|(_, s)| s.name == "crisp_bridge.message" && hex(&s.trace_id) == ce_trace)
+                .map(|(_, s)| s)
+        }
+    })
+    .await;
+    assert_eq!(hex(&ce.parent_span_id), PARENT_ID);
+    assert_eq!(
+        string_attribute(&ce.attributes, "outcome").as_deref(),
+        Some("delivered")
+    );
     // The dead-lettered one: its span says why, and its log line carries its ids.
     let dead = eventually("the dead-lettered message's span", || {
         let spans = received.spans();
