@@ -78,7 +78,9 @@ impl Traces {
             .with_protocol(Protocol::HttpBinary)
             .with_http_client(http)
             .build()
-            .map_err(|e| format!("cannot set up the OTLP trace exporter: {e}"))?;
+            .map_err(|e| {
+                format!("cannot set up the OTLP trace exporter: {e}; check OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), e.g. http://otel-collector:4318")
+            })?;
         let mut resource = Resource::builder();
         let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
             || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name"));
