@@ -62,6 +62,7 @@ impl App {
                 hand_back_after: config.amqp.consumer_timeout / 2,
                 redeclare: config.amqp.declare.then(|| Arc::new(config.amqp.clone())),
                 leave_to_broker_at_shutdown: config.amqp.single_active_consumer,
+                queue: config.amqp.queue.clone(),
             },
         );
         let health = Arc::new(Health::new(pipeline.flow()));

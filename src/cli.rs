@@ -664,7 +664,29 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init_logging(&loaded.log);
+    // Traces only when an OTLP endpoint is set (README "Tracing").
+    let traces = telemetry::traces::requested().then(telemetry::traces::Traces::from_env);
+    let (traces, traces_failed) = match traces {
+        Some(Ok(t)) => (Some(t), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    telemetry::init_logging_with(&loaded.log, traces.as_ref());
+    if let Some(e) = traces_failed {
+        tracing::warn!(error = %e, "running without traces");
+    }
+    if let Some(t) = &traces {
+        t.activate();
+        tracing::info!("exporting traces over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT)");
+    }
+    let code = run_validated(loaded).await;
+    if let Some(t) = traces {
+        t.shutdown().await;
+    }
+    code
+}
+
+async fn run_validated(loaded: config::Config) -> ExitCode {
     let validated = match config::validate(loaded) {
         Ok(v) => v,
         Err(problems) => {

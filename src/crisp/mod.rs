@@ -7,12 +7,13 @@ pub use classify::{CrispError, Failure};
 
 use crate::config::{read_secret_file, CrispConfig, Secret};
 use crate::route::CrispEvent;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, traces};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
+use tracing::Instrument;
 
 pub const USER_AGENT: &str = concat!("crisp-bridge/", env!("CARGO_PKG_VERSION"));
 
@@ -117,7 +118,13 @@ pub struct CrispClient {
     /// `None` when it does not parse; then each request parses, and fails, as before.
     events_url: Option<reqwest::Url>,
     credentials: Arc<Credentials>,
+    /// Crisp's host, for the request spans' `server.address`.
+    server: Option<Arc<str>>,
 }
+
+/// The request spans' `url.template`s: Crisp's routes, never a people id.
+const EVENTS_ROUTE: &str = "/v1/website/{website_id}/people/events/{people_id}";
+const PROFILE_ROUTE: &str = "/v1/website/{website_id}/people/profile";
 
 impl CrispClient {
     /// Builds the client; fails only when the credentials cannot form a header.
@@ -167,9 +174,14 @@ impl CrispClient {
             config.api_url.trim_end_matches('/'),
             encode_segment(website)
         );
+        let events_url = reqwest::Url::parse(&format!("{website_url}/people/events/")).ok();
         Ok(Self {
             http,
-            events_url: reqwest::Url::parse(&format!("{website_url}/people/events/")).ok(),
+            server: events_url
+                .as_ref()
+                .and_then(|u| u.host_str())
+                .map(Arc::from),
+            events_url,
             website_url,
             credentials: Arc::new(Credentials {
                 current: RwLock::new((
@@ -197,7 +209,8 @@ impl CrispClient {
                 .http
                 .post(format!("{}/people/events/{segment}", self.website_url)),
         };
-        self.send(request, Some(json_body(event)?)).await
+        self.send(EVENTS_ROUTE, request, Some(json_body(event)?))
+            .await
     }
 
     /// `POST /website/{website_id}/people/profile`; an existing profile counts as success
@@ -207,7 +220,7 @@ impl CrispClient {
         let body = serde_json::json!({ "email": email, "person": { "nickname": nickname } });
         let url = format!("{}/people/profile", self.website_url);
         match self
-            .send(self.http.post(url), Some(json_body(&body)?))
+            .send(PROFILE_ROUTE, self.http.post(url), Some(json_body(&body)?))
             .await
         {
             Err(e) if e.reason.as_deref() == Some("people_exists") => Ok(e.status.unwrap_or(409)),
@@ -223,8 +236,31 @@ impl CrispClient {
 
     /// Sends one request. Every header is set exactly once here or by the client's
     /// defaults (`X-Crisp-Tier`, `User-Agent`); `Content-Type` only with a body. A
-    /// success gives its status.
+    /// success gives its status. With traces on, in a client span (no trace header goes
+    /// to Crisp: nothing here injects one).
     async fn send(
+        &self,
+        route: &'static str,
+        request: reqwest::RequestBuilder,
+        body: Option<Vec<u8>>,
+    ) -> Result<u16, CrispError> {
+        if !traces::enabled() {
+            return self.send_once(request, body).await;
+        }
+        // Boxed: only traced requests carry the span.
+        let span = traces::request_span("POST", route, self.server.as_deref());
+        let result = Box::pin(self.send_once(request, body).instrument(span.clone())).await;
+        traces::answered(
+            &span,
+            match &result {
+                Ok(status) => Some(*status),
+                Err(e) => e.status,
+            },
+        );
+        result
+    }
+
+    async fn send_once(
         &self,
         request: reqwest::RequestBuilder,
         body: Option<Vec<u8>>,

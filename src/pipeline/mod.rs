@@ -14,7 +14,7 @@ mod triage;
 pub use backoff::{Backoff, Jitter};
 pub use fate::{fate, unmatched_detail, FateSettings, Happened};
 pub use flow::{CrispRoute, Flow, FlowState};
-pub use triage::{triage, Triaged};
+pub use triage::{triage, triage_seeing, Triaged};
 
 use crate::broker::acks::Acks;
 use crate::broker::settle::{settle, Settled, Settlement};
@@ -25,6 +25,7 @@ use crate::outcome::{mask_people_id, Disposition};
 use crate::route::{Mapped, Router};
 use crate::telemetry::metrics::{self, MessageOutcome, NO_RULE};
 use crate::telemetry::tap::{Decision, Tap};
+use crate::telemetry::traces;
 use dedup::Dedup;
 use futures_util::FutureExt;
 use lanes::Lanes;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span};
 
 /// Runs one message's work; a panic (a bug) becomes a requeue that counts toward the
 /// delivery limit, so a message that always panics ends in the dead-letter queue
@@ -77,11 +79,14 @@ struct Job {
     received: Instant,
     /// Crisp's last answer for it, 0 for none (the tap's `crisp_status`).
     crisp_status: AtomicU16,
+    /// Its `crisp_bridge.message` span; disabled (`Span::none()`) when traces are off.
+    span: Span,
 }
 
 impl Job {
     fn seen(&self) -> Seen<'_> {
         Seen {
+            span: &self.span,
             people_id: Some(&self.mapped.people_id),
             crisp_status: self.crisp_status.load(Ordering::Relaxed),
             received: self.received,
@@ -94,8 +99,10 @@ impl Job {
     }
 }
 
-/// What the tap shows of a delivery besides its fate.
+/// What the tap (and the trace) shows of a delivery besides its fate.
 struct Seen<'a> {
+    /// Its `crisp_bridge.message` span (disabled when traces are off).
+    span: &'a Span,
     /// Unmasked: masked only when a line is built.
     people_id: Option<&'a str>,
     /// 0: no answer from Crisp.
@@ -103,9 +110,10 @@ struct Seen<'a> {
     received: Instant,
 }
 
-impl Seen<'_> {
-    fn nothing(received: Instant) -> Self {
+impl<'a> Seen<'a> {
+    fn nothing(received: Instant, span: &'a Span) -> Self {
         Seen {
+            span,
             people_id: None,
             crisp_status: 0,
             received,
@@ -129,6 +137,8 @@ pub struct PipelineSettings {
     /// unsettled, for the broker to take back when the channel closes (see
     /// [`Pipeline::finish`]).
     pub leave_to_broker_at_shutdown: bool,
+    /// The queue consumed (`messaging.destination.name` of the traces).
+    pub queue: String,
 }
 
 pub struct Pipeline {
@@ -189,12 +199,26 @@ impl Pipeline {
         acks.received(delivery.delivery_tag);
         let received = Instant::now();
         let hand_back_at = received + self.settings.hand_back_after;
-        let triaged = triage(
+        // With traces off, this one atomic load is all they cost.
+        let (span, parented) = if traces::enabled() {
+            traces::message_span(&delivery, &self.settings.queue)
+        } else {
+            (Span::none(), true)
+        };
+        let triaged = triage_seeing(
             &self.router,
             self.settings.max_message_bytes,
             delivery.routing_key.as_str(),
             &Incoming::from_delivery(&delivery),
+            |decoded| {
+                if !parented {
+                    traces::cloud_event_parent(&span, decoded);
+                }
+            },
         );
+        if !span.is_disabled() {
+            traces::started(&span);
+        }
         let (mapped, id) = match triaged {
             Triaged::Event { mapped, id } => (mapped, id),
             Triaged::Done(happened) => {
@@ -203,7 +227,7 @@ impl Pipeline {
                     _ => None,
                 }
                 .unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(acks, delivery, rule, happened, received);
+                return self.settle_in_background(acks, delivery, rule, happened, received, span);
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
@@ -216,6 +240,7 @@ impl Pipeline {
             hand_back_at,
             received,
             crisp_status: AtomicU16::new(0),
+            span,
         };
         if let Some(first) = self.lanes.push(key, job) {
             self.tasks.spawn(Arc::clone(self).run_lane(key, first));
@@ -229,14 +254,19 @@ impl Pipeline {
         rule: String,
         happened: Happened,
         received: Instant,
+        span: Span,
     ) {
         let this = Arc::clone(self);
         let hand_back_at = received + self.settings.hand_back_after;
-        self.tasks.spawn(async move {
-            let seen = Seen::nothing(received);
-            this.finish(&acks, &delivery, &rule, happened, hand_back_at, seen)
-                .await
-        });
+        let inside = span.clone();
+        self.tasks.spawn(
+            async move {
+                let seen = Seen::nothing(received, &inside);
+                this.finish(&acks, &delivery, &rule, happened, hand_back_at, seen)
+                    .await
+            }
+            .instrument(span),
+        );
     }
 
     /// Runs `job`, then the lane's next ones. When one is handed back to the broker, the
@@ -247,7 +277,9 @@ impl Pipeline {
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
-            let happened = contain_panic(self.run_job(&job), &job.mapped.rule).await;
+            let happened = contain_panic(self.run_job(&job), &job.mapped.rule)
+                .instrument(job.span.clone())
+                .await;
             // Taken off the lane before the message goes back: its redelivery may arrive
             // at once and must not queue behind the later ones.
             // (A message of that person delivered after this point is not held by us
@@ -262,6 +294,7 @@ impl Pipeline {
                     job.hand_back_at,
                     job.seen(),
                 )
+                .instrument(job.span.clone())
                 .await;
             if requeued && later.is_none() {
                 // A dead letter that could not be published went back after all.
@@ -277,6 +310,7 @@ impl Pipeline {
                         job.hand_back_at,
                         job.seen(),
                     )
+                    .instrument(job.span.clone())
                     .await;
                 }
                 return;
@@ -332,7 +366,7 @@ impl Pipeline {
             NO_RULE,
             Happened::NotStarted,
             now,
-            Seen::nothing(now),
+            Seen::nothing(now, &Span::none()),
         )
         .await;
     }
@@ -348,6 +382,7 @@ impl Pipeline {
         hand_back_at: Instant,
         seen: Seen<'_>,
     ) -> bool {
+        let span = seen.span;
         let settings = FateSettings {
             unmatched: self.settings.delivery.unmatched,
         };
@@ -365,6 +400,9 @@ impl Pipeline {
             // back when the channel closes: the broker puts everything this pod held at
             // the head of the queue, in delivery order, then hands the queue over.
             metrics::message(rule, MessageOutcome::Requeued);
+            if !span.is_disabled() {
+                traces::settled(span, rule, MessageOutcome::Requeued.as_str(), reason);
+            }
             return true;
         }
         match Settlement::of(&disposition) {
@@ -394,6 +432,9 @@ impl Pipeline {
             Disposition::Requeue(_) => MessageOutcome::Requeued,
         };
         metrics::message(rule, outcome);
+        if !span.is_disabled() {
+            traces::settled(span, rule, outcome.as_str(), reason);
+        }
         if outcome != MessageOutcome::Requeued {
             metrics::message_age(delivery.properties.timestamp().as_ref().copied());
         }

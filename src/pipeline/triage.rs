@@ -3,7 +3,7 @@
 //! offline commands (`map`, `test`), so they say exactly what `run` would do.
 
 use super::fate::Happened;
-use crate::decode::{decode, Incoming};
+use crate::decode::{decode, Decoded, Incoming};
 use crate::outcome::{DeadLetter, Reason};
 use crate::route::{Mapped, Routed, Router};
 
@@ -23,6 +23,18 @@ pub fn triage(
     routing_key: &str,
     incoming: &Incoming<'_>,
 ) -> Triaged {
+    triage_seeing(router, max_message_bytes, routing_key, incoming, |_| {})
+}
+
+/// [`triage`], showing `saw` the decoded message (the traces read a CloudEvent's
+/// `traceparent` there).
+pub fn triage_seeing(
+    router: &Router,
+    max_message_bytes: usize,
+    routing_key: &str,
+    incoming: &Incoming<'_>,
+    saw: impl FnOnce(&Decoded),
+) -> Triaged {
     let size = incoming.body.len();
     if size > max_message_bytes {
         return Triaged::Done(Happened::Invalid(DeadLetter::new(
@@ -37,6 +49,7 @@ pub fn triage(
         Ok(decoded) => decoded,
         Err(dl) => return Triaged::Done(Happened::Invalid(dl)),
     };
+    saw(&decoded);
     match router.route_decoded(routing_key, &decoded) {
         Routed::Event(mapped) => Triaged::Event {
             mapped,

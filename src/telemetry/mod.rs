@@ -2,6 +2,7 @@
 
 pub mod metrics;
 pub mod tap;
+pub mod traces;
 
 use crate::config::redact::scrub;
 use crate::config::{LogConfig, LogFormat};
@@ -9,14 +10,26 @@ use crate::outcome::mask_emails;
 use std::borrow::Cow;
 use std::fmt;
 use std::io::{self, IsTerminal};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
-use tracing_subscriber::fmt::{FormatFields, MakeWriter};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Installs the global subscriber: `RUST_LOG` wins over `log.level`; JSON when stdout is
 /// not a terminal (or `log.format = "json"`).
 pub fn init_logging(config: &LogConfig) {
+    init_logging_with(config, None);
+}
+
+/// [`init_logging`], and with `traces` their spans exported (only spans of
+/// [`traces::TARGET`], whatever the log level) and JSON log lines inside a message's span
+/// carrying its `trace_id` and `span_id`.
+pub fn init_logging_with(config: &LogConfig, traces: Option<&traces::Traces>) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
@@ -27,24 +40,67 @@ pub fn init_logging(config: &LogConfig) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         // Colour codes only for a person at a terminal, never in files or collectors.
         .with_ansi(std::io::stdout().is_terminal())
         .with_writer(MaskEmails(std::io::stdout));
-    let result = if json {
-        builder
-            .json()
+    let fmt = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init()
+            .with_span_list(false)
+            .map_event_format(WithTraceIds)
+            .boxed()
     } else {
-        builder.fmt_fields(EscapeControls::default()).try_init()
+        fmt.fmt_fields(EscapeControls::default()).boxed()
     };
+    let result = tracing_subscriber::registry()
+        // Message spans are seen at any log level: lines inside them carry their ids.
+        .with(fmt.with_filter(filter.or(traces::spans())))
+        .with(traces.map(|t| t.layer()))
+        .try_init();
     // Already initialised (tests run several apps in one process): keep the first.
     drop(result);
     install_panic_hook();
+}
+
+/// A JSON event format whose lines, inside a message's span, start with its `trace_id`
+/// and `span_id` (see [`traces::TraceIds`]).
+#[derive(Debug)]
+pub struct WithTraceIds<F>(pub F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let ids = ctx.event_scope().and_then(|scope| {
+            scope
+                .into_iter()
+                .find_map(|span| span.extensions().get::<traces::TraceIds>().cloned())
+        });
+        let Some(ids) = ids else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(
+                writer,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                ids.trace_id, ids.span_id
+            ),
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 /// Panics also leave one structured log line (with where, not what), so a JSON log

@@ -20,4 +20,5 @@ mod proxy;
 mod replay;
 mod tap;
 mod tls;
+mod tracing;
 mod wire;
