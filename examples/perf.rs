@@ -6,6 +6,11 @@
 //! floor, and the medians.
 //!
 //!     scripts/perf.sh [--messages N] [--runs R] [--latency-ms L] [--people P] [--bridge-only]
+//!         [--tracing]
+//!
+//! `--tracing` compares the bridge with tracing off against the bridge with every message
+//! traced (`OTEL_TRACES_SAMPLER=always_on`), exporting over OTLP/HTTP to the kit's receiver
+//! in this process, instead of the floor against the bridge.
 //!
 //! `PERF_BRIDGE_BIN` and `PERF_FLOOR_BIN` run other binaries (`scripts/profile.sh` uses
 //! builds with symbols); `PERF_SMAPS_DIR=dir` saves each contender's `/proc/<pid>/smaps`
@@ -22,6 +27,8 @@ use std::time::{Duration, Instant};
 enum Kind {
     Floor,
     Bridge,
+    /// The bridge with every message traced.
+    Traced,
 }
 
 impl Kind {
@@ -29,6 +36,7 @@ impl Kind {
         match self {
             Kind::Floor => "floor",
             Kind::Bridge => "bridge",
+            Kind::Traced => "traced",
         }
     }
 }
@@ -53,6 +61,8 @@ struct Settings {
     floor: PathBuf,
     url: String,
     clock_ticks: f64,
+    /// The OTLP receiver's URL, for `Kind::Traced`.
+    otlp: Option<String>,
 }
 
 /// A `/proc/<pid>/status` field in KiB.
@@ -89,9 +99,13 @@ async fn run_one(kind: Kind, s: &Settings, sandbox: &crisp_bridge::sandbox::Sand
     sandbox.state.clear_received();
 
     let mut command = match kind {
-        Kind::Bridge => {
+        Kind::Bridge | Kind::Traced => {
             let mut c = tokio::process::Command::new(&s.bridge);
             c.arg("run").arg("--config").arg(&config);
+            if let (Kind::Traced, Some(otlp)) = (kind, &s.otlp) {
+                c.env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+                    .env("OTEL_TRACES_SAMPLER", "always_on");
+            }
             c
         }
         Kind::Floor => {
@@ -192,6 +206,20 @@ async fn main() {
             .unwrap_or_else(|_| PathBuf::from(format!("target/{profile}/examples/floor"))),
         url: amqp_url().await,
         clock_ticks,
+        otlp: None,
+    };
+    let tracing = args.iter().any(|a| a == "--tracing");
+    let (otlp, received) = crisp_bridge_testkit::otlp::receiver().await;
+    let s = Settings {
+        otlp: Some(otlp),
+        ..s
+    };
+    // The baseline and the contender: the floor and the bridge, or the bridge without and
+    // with tracing.
+    let (base, contender) = if tracing {
+        (Kind::Bridge, Kind::Traced)
+    } else {
+        (Kind::Floor, Kind::Bridge)
     };
     let sandbox = sandbox(auto_profiles()).await;
     sandbox
@@ -201,7 +229,8 @@ async fn main() {
         "perf: {} messages with message ids, {} people, quorum queue, prefetch 128, concurrency 32, Crisp latency {} ms",
         s.messages, s.people, s.latency_ms
     );
-    println!("| run | order | floor msg/s | bridge msg/s | ratio | floor CPU µs/msg | bridge CPU µs/msg | ratio | floor peak RSS | bridge peak RSS |");
+    let (a, b) = (base.name(), contender.name());
+    println!("| run | order | {a} msg/s | {b} msg/s | ratio | {a} CPU µs/msg | {b} CPU µs/msg | ratio | {a} peak RSS | {b} peak RSS |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     if args.iter().any(|a| a == "--bridge-only") {
         // Scale runs (a million messages): the bridge alone, its RSS each second.
@@ -219,9 +248,9 @@ async fn main() {
     let mut all = Vec::new();
     for run in 0..s.runs {
         let order = if run % 2 == 0 {
-            [Kind::Floor, Kind::Bridge]
+            [base, contender]
         } else {
-            [Kind::Bridge, Kind::Floor]
+            [contender, base]
         };
         let mut floor = None;
         let mut bridge = None;
@@ -238,12 +267,13 @@ async fn main() {
                 f.file_mib,
                 rss_line(&f)
             );
-            match kind {
-                Kind::Floor => floor = Some(f),
-                Kind::Bridge => bridge = Some(f),
+            if kind == base {
+                floor = Some(f);
+            } else {
+                bridge = Some(f);
             }
         }
-        let (f, b) = (floor.expect("floor ran"), bridge.expect("bridge ran"));
+        let (f, b) = (floor.expect("baseline ran"), bridge.expect("contender ran"));
         println!(
             "| {} | {} first | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} MiB | {:.1} MiB |",
             run + 1,
@@ -271,5 +301,12 @@ async fn main() {
         col(&|r| r.0.hwm_mib),
         col(&|r| r.1.hwm_mib),
     );
+    if tracing {
+        println!(
+            "spans received: {} for {} traced messages",
+            received.span_count(),
+            s.messages * s.runs as u64
+        );
+    }
     sandbox.stop();
 }

@@ -2,14 +2,15 @@
 //! ([`amqp_url`]: `AMQP_URL`, else testcontainers), unique [`Names`], one config builder
 //! ([`TestConfig`]), the Crisp sandbox, the bridge in process ([`TestApp`]) or as a child
 //! process ([`Bridge`]) on that same config, a broker client, one TCP [`Proxy`] that cuts,
-//! half-closes, freezes and taps, a three-node [`Cluster`] to fail node by node, and
-//! [`eventually`] for waiting on conditions.
+//! half-closes, freezes and taps, a three-node [`Cluster`] to fail node by node, a strict OTLP
+//! trace receiver ([`otlp`]), and [`eventually`] for waiting on conditions.
 
 mod app;
 mod broker;
 mod child;
 mod cluster;
 mod config;
+pub mod otlp;
 mod proxy;
 
 pub use app::{TestApp, TestAppBuilder, TestEnv};
