@@ -20,6 +20,9 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# Nodes started below keep this working directory for their whole life: never the
+# caller's (a deleted checkout makes `rabbitmqctl stop_app` fail with enoent).
+cd /
 log() { echo "ensure-rabbitmq-cluster: $*" >&2; }
 
 if [ "$(id -u)" -ne 0 ]; then

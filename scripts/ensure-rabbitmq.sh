@@ -43,7 +43,8 @@ fi
 
 if ! rabbitmqctl status >/dev/null 2>&1; then
   log "starting rabbitmq-server"
-  rabbitmq-server -detached >&2 || true
+  # From /: the node keeps its working directory for its whole life, never the caller's.
+  (cd / && rabbitmq-server -detached >&2) || true
 fi
 # -detached returns before the node exists; await_startup fails until it does.
 for _ in $(seq 1 90); do

@@ -12,6 +12,9 @@ MIRROR="${RABBITMQ4_MIRROR:-http://deb.debian.org/debian}"
 PORT=5673
 URL="amqp://guest:guest@127.0.0.1:$PORT/%2f"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# Nodes started below keep this working directory for their whole life: never the
+# caller's (a deleted checkout makes `rabbitmqctl stop_app` fail with enoent).
+cd /
 CTL=("$HERE/rabbitmqctl4")
 
 log() { echo "ensure-rabbitmq4: $*" >&2; }
