@@ -56,11 +56,7 @@ impl Pipeline {
                     _ = self.abandon.cancelled() => None,
                 };
                 if let Some(answer) = &created {
-                    job.answered(
-                        answer
-                            .as_ref()
-                            .map_or_else(|e| e.status.unwrap_or(0), |s| *s),
-                    );
+                    job.answered(answer);
                 }
                 let error = match created {
                     None => return Happened::NotStarted,
@@ -106,11 +102,7 @@ impl Pipeline {
             };
             metrics::in_flight(-1.0);
             if let Some(answer) = &result {
-                job.answered(
-                    answer
-                        .as_ref()
-                        .map_or_else(|e| e.status.unwrap_or(0), |s| *s),
-                );
+                job.answered(answer);
             }
             let error = match result {
                 None => return Happened::NotStarted,

@@ -93,8 +93,11 @@ impl Job {
         }
     }
 
-    /// Crisp answered (or, for 0, no answer came).
-    fn answered(&self, status: u16) {
+    /// Crisp answered: its status (0 when no status came, e.g. a timeout).
+    fn answered(&self, answer: &Result<u16, crate::crisp::CrispError>) {
+        let status = answer
+            .as_ref()
+            .map_or_else(|e| e.status.unwrap_or(0), |s| *s);
         self.crisp_status.store(status, Ordering::Relaxed);
     }
 }

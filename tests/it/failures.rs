@@ -219,20 +219,7 @@ async fn broker_connection_cut_mid_stream_loses_nothing() {
     assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
     // Redeliveries of messages whose ack died with the connection may still wait in
     // the queue when we stop; they are copies of delivered messages, not lost ones.
-    while let Some(left) = app.broker.get(&app.names.queue).await {
-        let id = left
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        let i: usize = id
-            .trim_start_matches("evt-")
-            .parse()
-            .expect("a test message id");
-        assert!(i < n, "unexpected message {id}");
-    }
+    only_copies_left(&app, n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,6 +504,12 @@ async fn a_silent_node_is_noticed_by_heartbeats_and_the_next_node_is_used() {
     assert_eq!(app.broker.ready(&app.names.dlq).await, 0);
     // What the silent connection held unacked went back to the queue when the broker
     // gave up on it; if that was after the stop, those are copies of delivered messages.
+    only_copies_left(&app, n).await;
+}
+
+/// What is left in the queue after the stop is only copies of the `n` published messages
+/// (`evt-0` … `evt-{n-1}`): redeliveries of delivered ones, never others.
+async fn only_copies_left(app: &TestApp, n: usize) {
     while let Some(left) = app.broker.get(&app.names.queue).await {
         let id = left
             .delivery
