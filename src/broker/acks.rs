@@ -94,6 +94,9 @@ pub struct Acks {
     give_up: CancellationToken,
     /// More ready acks than this waiting above an open tag are sent alone at once.
     max_waiting: usize,
+    /// Held from taking a plan until its frames are with lapin, so [`Acks::close`]
+    /// cannot return (and the channel be closed) while the flusher still sends.
+    sending: tokio::sync::Mutex<()>,
 }
 
 impl Acks {
@@ -107,6 +110,7 @@ impl Acks {
             closed: CancellationToken::new(),
             give_up: stopping.child_token(),
             max_waiting: usize::from(prefetch / 2).max(1),
+            sending: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -170,11 +174,13 @@ impl Acks {
                 }
             };
             tokio::select! {
+                biased;
                 _ = self.closed.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = straggler_check => {}
             }
-            if !self.channel.status().connected() {
+            let _sending = self.sending.lock().await;
+            if self.closed.is_cancelled() || !self.channel.status().connected() {
                 return;
             }
             let plan = self.tags().plan(Instant::now(), self.max_waiting);
@@ -187,6 +193,10 @@ impl Acks {
     /// consuming on is closed, once nothing runs on it any more).
     pub async fn close(&self) {
         self.closed.cancel();
+        // A batch the flusher took before the cancel is sent before ours and before the
+        // channel's close: otherwise lapin refuses it on a closing channel and the broker
+        // redelivers a message Crisp already has.
+        let _sending = self.sending.lock().await;
         let plan = self.tags().plan(Instant::now(), 0);
         self.send(&plan).await;
     }
