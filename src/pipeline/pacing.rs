@@ -10,12 +10,16 @@ use tokio::time::Instant;
 
 /// Fraction of the accepted rate kept after a 429/420: the accepted rate already is the
 /// share Crisp gives us, so a small cut suffices and keeps the average near the limit.
-const BETA: f64 = 0.95;
-/// Two cuts are at least this far apart.
-const CUT_SPACING: Duration = Duration::from_millis(1000);
+const BETA: f64 = 0.98;
+/// A 429 this long after a cut (and within a second of it) measures the share by what
+/// was accepted since that cut: the last second may still hold a token bucket's burst.
+const RECUT_SPAN: Duration = Duration::from_millis(250);
 /// Growth near the last limit, as a fraction of it per second of saturated sending:
-/// slow, since with N pods each cut removes only its own share of the excess.
-const NEAR_GROWTH: f64 = 0.015;
+/// slow, since with N pods each cut removes only its own share of the excess...
+const NEAR_GROWTH: f64 = 0.005;
+/// ...and doubling per this long without a cut (at most 64-fold), so a share another pod
+/// freed is taken within seconds.
+const NEAR_SPEEDUP: Duration = Duration::from_secs(10);
 /// Far below the last limit the rate doubles per second of saturated sending, and
 /// beyond it triples, so a lifted limit is found again within seconds.
 const FAR_BELOW: f64 = 0.8;
@@ -34,7 +38,7 @@ pub(super) const SLOW_START_RATE: f64 = 10.0;
 /// Growth per round trip in the slow start, as a fraction of the rate: the refusals of the
 /// round trip before the first 429 are about `g / (1 + g)` of what the limit admits at
 /// once (a token bucket's burst), so a doubling (g = 1) costs half of it.
-const SLOW_START_GROWTH: f64 = 0.25;
+const SLOW_START_GROWTH: f64 = 0.18;
 /// The fastest the slow start grows, whatever the round trip: from 10/s to unpaced in a
 /// quarter of a second of saturated sending.
 const SLOW_START_DOUBLING: Duration = Duration::from_millis(25);
@@ -43,6 +47,9 @@ const SLOW_START_MIN_RTT: Duration = Duration::from_millis(1);
 /// A slow start that gets this far without a 429 ends: no pacing at all (only the
 /// concurrency limit), as before any limit is known.
 const SLOW_START_EXIT: f64 = 10_000.0;
+/// The first and the longest wait between two probes of a closed window.
+const PROBE_FIRST: Duration = Duration::from_millis(250);
+const PROBE_MAX: Duration = Duration::from_secs(4);
 /// Never slower than this (a rate of zero would stop the pod for good).
 const MIN_RATE: f64 = 0.5;
 /// The longest stretch of time one claim counts as growth (after an idle spell the
@@ -69,6 +76,18 @@ impl Window {
         {
             self.0.pop_front();
         }
+    }
+
+    /// Forgets one event at `at` (a request Crisp refused: limiters count what they admit).
+    fn forget(&mut self, at: Instant) {
+        if let Ok(i) = self.0.binary_search(&at) {
+            self.0.remove(i);
+        }
+    }
+
+    /// Events after `t`.
+    fn after(&self, t: Instant) -> usize {
+        self.0.iter().rev().take_while(|&&at| at > t).count()
     }
 
     fn per_second(&mut self, now: Instant) -> f64 {
@@ -107,7 +126,21 @@ pub(super) struct Pacing {
     /// Crisp's `Retry-After`, for every request of the pod.
     pub(super) paused_until: Instant,
     sent: Window,
+    /// What was sent and not refused (accepted, or still unanswered): what a limiter
+    /// that counts the requests it admits holds of ours.
+    admitted: Window,
     accepted: Window,
+    /// Refusals while nothing was accepted for a second (a window closed until it
+    /// resets, or a spent quota): one probe request at a time.
+    probing: Option<Probing>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probing {
+    /// Between two probes.
+    every: Duration,
+    /// Answers to requests sent before this are not answers to a probe.
+    since: Instant,
 }
 
 impl Pacing {
@@ -124,7 +157,9 @@ impl Pacing {
             next_slot: now,
             paused_until: now,
             sent: Window::default(),
+            admitted: Window::default(),
             accepted: Window::default(),
+            probing: None,
         }
     }
 
@@ -160,13 +195,21 @@ impl Pacing {
     fn claim_turn(&mut self, now: Instant, waited: bool) -> Result<Instant, Instant> {
         let mut turn = self.next_slot.max(self.paused_until);
         if let (Some(rate), true) = (self.rate(), self.cut_lately()) {
-            // Right after a cut the last second still holds what was sent at the old
+            // Right after a cut the last second still holds what was admitted at the old
             // rate: a limiter counting that second refuses until it ages out, so new
             // requests stop at once instead of meeting a second of refusals.
-            turn = turn.max(self.sent.room_at(now, rate.floor() as usize));
+            turn = turn.max(self.admitted.room_at(now, rate.floor() as usize));
         }
         if turn > now {
             return Err(turn);
+        }
+        if let Some(probing) = self.probing {
+            // One probe per interval; an accepted one ends the probing.
+            self.next_slot = now + probing.every;
+            self.last_claim = now;
+            self.sent.push(now);
+            self.admitted.push(now);
+            return Ok(now);
         }
         if waited {
             // Only time spent sending as fast as allowed says the rate could be higher.
@@ -193,12 +236,18 @@ impl Pacing {
             None => now,
         };
         self.sent.push(now);
+        self.admitted.push(now);
         Ok(now)
     }
 
     /// Crisp accepted a request sent at `sent_at`.
     pub(super) fn accepted(&mut self, sent_at: Instant, now: Instant) {
         self.accepted.push(now);
+        if self.probing.is_some_and(|p| sent_at >= p.since) {
+            // The window reopened: the learned rate applies again, from now.
+            self.probing = None;
+            self.next_slot = now;
+        }
         let Some(rate) = self.learned.filter(|_| self.slow_start) else {
             return;
         };
@@ -240,7 +289,11 @@ impl Pacing {
         } else if rate > FAR_ABOVE * limit {
             rate * ABOVE_GROWTH.powf(secs)
         } else {
-            rate + NEAR_GROWTH * limit * secs
+            // Slow right after a cut, faster the longer none comes: a share freed by a
+            // pod that left (or a limit raised a little) is taken within seconds.
+            let calm = self.last_cut.map_or(0.0, |cut| cut.elapsed().as_secs_f64());
+            let speedup = 2f64.powf(calm / NEAR_SPEEDUP.as_secs_f64()).min(64.0);
+            rate + NEAR_GROWTH * speedup * limit * secs
         };
         self.learned = if grown > FORGET_ABOVE * limit {
             None
@@ -252,26 +305,54 @@ impl Pacing {
 
     /// Crisp said "too many" to a request sent at `sent_at`; true when the rate changed.
     pub(super) fn cut(&mut self, sent_at: Instant, now: Instant) -> bool {
-        if self
-            .last_cut
-            .is_some_and(|cut| sent_at < cut || now.duration_since(cut) < CUT_SPACING)
-        {
-            // Sent before the last cut, or too soon after it: a limiter counting the
-            // last second still remembers the excess that cut answered.
+        self.admitted.forget(sent_at);
+        if self.last_cut.is_some_and(|cut| sent_at < cut) {
+            // Sent before the last cut: that cut already answered this excess. A request
+            // sent after it went out only once the last second had room for the new rate
+            // (`claim_turn`), so its refusal says the new rate is still too high.
             return false;
         }
-        let accepted = self.accepted.per_second(now);
+        let mut accepted = self.accepted.per_second(now);
+        let recent_cut = self.last_cut.filter(|&cut| {
+            let since = now.duration_since(cut);
+            since >= RECUT_SPAN && since < WINDOW
+        });
+        if let Some(cut) = recent_cut {
+            // Refused again soon after a cut: what was accepted since is the share now
+            // (the last second still holds a token bucket's burst, spent before the cut).
+            accepted = self.accepted.after(cut) as f64 / now.duration_since(cut).as_secs_f64();
+        }
         if accepted == 0.0 && self.learned.is_some() && !self.slow_start {
-            // Nothing gets through at any rate (a spent quota): slowing down further
-            // finds no share; each message's backoff and the hold deal with it.
+            // Nothing got through for a second at a rate that got through before: a
+            // window closed until it resets (a per-minute limit) or a spent quota.
+            // Slowing down finds no share; one probe at a time finds the reopening,
+            // at waits that double up to PROBE_MAX, instead of every waiting message
+            // retrying into it (each message's backoff and the hold still apply).
+            let probing = match self.probing {
+                None => Probing {
+                    every: PROBE_FIRST,
+                    since: now,
+                },
+                // Only a refused probe doubles the wait, not what was in flight.
+                Some(p) if sent_at >= p.since => Probing {
+                    every: (p.every * 2).min(PROBE_MAX),
+                    since: now,
+                },
+                Some(p) => p,
+            };
+            self.probing = Some(probing);
+            self.next_slot = self.next_slot.max(now + probing.every);
             return false;
         }
+        self.probing = None;
         let sending = self.sent.per_second(now).max(MIN_RATE);
         let current = self.rate().map_or(sending, |r| r.min(sending));
         // What Crisp let through is the share it gives us. Near the last limit a stall
         // (a slow second on our side) must not pass for a smaller share: cut at most
         // by a tenth there; far above it, at most by half.
-        let floor = if current <= FAR_ABOVE * self.last_limit {
+        let floor = if recent_cut.is_some() {
+            current / 2.0
+        } else if current <= FAR_ABOVE * self.last_limit {
             current * 0.9
         } else {
             current / 2.0
@@ -300,22 +381,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_slow_start_grows_by_a_quarter_per_round_trip() {
+    fn the_slow_start_grows_by_a_fixed_share_per_round_trip() {
         let mut pacing = Pacing::new(0.0);
         let t0 = pacing.last_answer;
         let ms = Duration::from_millis;
-        // 100 ms round trips, answers 100 ms apart (the paced rate, 10/s): a quarter each.
+        let g = 1.0 + SLOW_START_GROWTH;
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-9;
+        // 100 ms round trips, answers 100 ms apart (the paced rate, 10/s): g each.
         pacing.accepted(t0, t0 + ms(100));
-        assert_eq!(pacing.rate(), Some(12.5));
+        assert!(close(pacing.rate(), 10.0 * g));
         pacing.accepted(t0 + ms(100), t0 + ms(200));
-        assert_eq!(pacing.rate(), Some(15.625));
+        assert!(close(pacing.rate(), 10.0 * g * g));
         // Answers closer together count for their share of a round trip.
         pacing.accepted(t0 + ms(150), t0 + ms(250));
-        let expected = 15.625 * 1.25f64.powf(0.5);
-        assert!((pacing.rate().unwrap() - expected).abs() < 1e-9);
+        let expected = 10.0 * g * g * g.powf(0.5);
+        assert!(close(pacing.rate(), expected));
         // An idle spell counts as two paced intervals at most.
         pacing.accepted(t0 + ms(60_000), t0 + ms(60_100));
-        let expected = expected * 1.25f64.powf(2.0 / expected / 0.1);
+        let expected = expected * g.powf(2.0 / expected / 0.1);
         assert!((pacing.rate().unwrap() - expected).abs() < 1e-6);
         // A Crisp answering at once: a doubling per 25 ms of saturated sending at most,
         // however short the round trip, so unpaced after about a third of a second.
@@ -354,5 +437,97 @@ mod tests {
             after_cut,
             "answers no longer grow a learned rate"
         );
+    }
+
+    /// A pacing throttled at `rate` (as after a cut), with a second of answers accepted
+    /// at that rate behind it; returns the instant after that second.
+    fn throttled_at(pacing: &mut Pacing, rate: f64, t0: Instant) -> Instant {
+        pacing.learned = Some(rate);
+        pacing.slow_start = false;
+        pacing.last_limit = rate;
+        let step = Duration::from_secs_f64(1.0 / rate);
+        let mut at = t0;
+        while at < t0 + WINDOW {
+            pacing.sent.push(at);
+            pacing.admitted.push(at);
+            pacing.accepted.push(at);
+            at += step;
+        }
+        at
+    }
+
+    #[test]
+    fn a_window_closed_for_a_second_is_probed_one_request_at_a_time() {
+        let mut pacing = Pacing::new(0.0);
+        let t0 = pacing.last_answer;
+        let ms = Duration::from_millis;
+        let mut now = throttled_at(&mut pacing, 50.0, t0);
+        // The window closes: a second with nothing accepted, then a refusal.
+        now += WINDOW;
+        assert!(!pacing.cut(now - ms(1), now), "no cut: no share to find");
+        assert_eq!(pacing.rate(), Some(50.0), "the learned rate is kept");
+        assert_eq!(pacing.claim(now, false), Err(now + PROBE_FIRST));
+        now += PROBE_FIRST;
+        assert_eq!(pacing.claim(now, true), Ok(now), "the first probe");
+        assert!(pacing.claim(now + ms(10), true).is_err(), "one at a time");
+        // Refused probes wait twice as long each time, up to PROBE_MAX; refusals of
+        // requests sent before the probing began do not count.
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            pacing.cut(now - ms(500), now + ms(1));
+            pacing.cut(now, now + ms(1));
+            let next = pacing.claim(now + ms(1), true).unwrap_err();
+            waits.push(next.duration_since(now + ms(1)));
+            now = next;
+            assert_eq!(pacing.claim(now, true), Ok(now));
+        }
+        assert_eq!(
+            waits,
+            [ms(500), ms(1000), ms(2000), ms(4000), ms(4000), ms(4000)]
+        );
+        // A probe accepted: the window reopened, the learned rate applies at once.
+        pacing.accepted(now, now + ms(1));
+        now += ms(1);
+        assert_eq!(pacing.claim(now, true), Ok(now));
+        assert!(
+            pacing.claim(now + ms(20), true).is_ok(),
+            "paced at 50/s again"
+        );
+    }
+
+    #[test]
+    fn a_refusal_soon_after_a_cut_measures_the_share_since_it() {
+        let mut pacing = Pacing::new(0.0);
+        let t0 = pacing.last_answer;
+        let ms = Duration::from_millis;
+        // A token bucket's burst: 100 accepted in the last second, but its rate is 40/s.
+        let now = throttled_at(&mut pacing, 100.0, t0);
+        assert!(pacing.cut(now - ms(1), now));
+        let rate = pacing.rate().unwrap();
+        assert!(
+            rate > 95.0 && rate <= 100.0 * BETA,
+            "{rate}: the last second's"
+        );
+        // 400 ms later, 16 accepted since the cut (40/s) and a request sent after the cut
+        // refused: cut to the share since the cut, not by a tenth of the last second's.
+        for i in 1..=16 {
+            pacing.accepted.push(now + ms(25 * i));
+        }
+        let later = now + ms(400);
+        assert!(pacing.cut(now + ms(100), later));
+        let rate = pacing.rate().unwrap();
+        assert!((rate - 40.0 * BETA).abs() < 1e-9, "{rate}");
+        // Refused requests do not fill the room the next request waits for: a limiter
+        // counts what it admits.
+        let mut pacing = Pacing::new(0.0);
+        let now = throttled_at(&mut pacing, 10.0, t0);
+        for i in 0..10 {
+            let at = now + ms(i);
+            pacing.sent.push(at);
+            pacing.admitted.push(at);
+            pacing.cut(at, at + ms(1));
+        }
+        assert_eq!(pacing.admitted.after(now - ms(1)), 0);
+        assert_eq!(pacing.sent.after(now - ms(1)), 10);
     }
 }
