@@ -28,7 +28,11 @@ for latency in "${latencies[@]}"; do
 done
 # A window resetting each minute admits a minute's worth at once: only runs over
 # several minutes say anything about it.
-[[ "${ROWS:-}" == quick ]] || scenarios+=("--pods 3 --limit 50 --shape fixed_window_minute --latency-ms 0 --seconds 180")
+if [[ "${ROWS:-}" != quick ]]; then
+  for latency in "${latencies[@]}"; do
+    scenarios+=("--pods 3 --limit 50 --shape fixed_window_minute --latency-ms $latency --seconds 180")
+  done
+fi
 # Without a limit: throughput only.
 scenarios+=("--pods 1 --limit 0 --latency-ms 0")
 for s in "${scenarios[@]}"; do
