@@ -47,9 +47,13 @@ const SLOW_START_MIN_RTT: Duration = Duration::from_millis(1);
 /// A slow start that gets this far without a 429 ends: no pacing at all (only the
 /// concurrency limit), as before any limit is known.
 const SLOW_START_EXIT: f64 = 10_000.0;
-/// The first and the longest wait between two probes of a closed window.
+/// The first and the longest wait between two probes of a closed window (never longer
+/// than `delivery.max_backoff`, the longest a message waits between its own tries).
 const PROBE_FIRST: Duration = Duration::from_millis(250);
 const PROBE_MAX: Duration = Duration::from_secs(4);
+/// After a closed window reopened, this many of its cycles pass before the rate may grow
+/// fast again (to find a lifted limit; a window still there closes again then).
+const STEADY_CYCLES: u32 = 3;
 /// Never slower than this (a rate of zero would stop the pod for good).
 const MIN_RATE: f64 = 0.5;
 /// The longest stretch of time one claim counts as growth (after an idle spell the
@@ -133,6 +137,17 @@ pub(super) struct Pacing {
     /// Refusals while nothing was accepted for a second (a window closed until it
     /// resets, or a spent quota): one probe request at a time.
     probing: Option<Probing>,
+    /// PROBE_FIRST and PROBE_MAX, under `max_backoff`.
+    probe_first: Duration,
+    probe_max: Duration,
+    /// Requests accepted so far, and where the last closed window's cycle began (the
+    /// pacing's start, or the end of the last probing): a window that closes and reopens
+    /// allows on average what was accepted over one such cycle.
+    accepted_total: u64,
+    cycle_from: (Instant, u64),
+    /// For [`STEADY_CYCLES`] cycles after a window reopened, the rate grows only slowly:
+    /// no 429 comes until the allowance is spent, which says nothing about a lifted limit.
+    steady_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,7 +159,7 @@ struct Probing {
 }
 
 impl Pacing {
-    pub(super) fn new(max_requests_per_second: f64) -> Self {
+    pub(super) fn new(max_requests_per_second: f64, max_backoff: Duration) -> Self {
         let now = Instant::now();
         Self {
             ceiling: (max_requests_per_second > 0.0).then_some(max_requests_per_second),
@@ -160,6 +175,11 @@ impl Pacing {
             admitted: Window::default(),
             accepted: Window::default(),
             probing: None,
+            probe_first: PROBE_FIRST.min(max_backoff),
+            probe_max: PROBE_MAX.min(max_backoff),
+            accepted_total: 0,
+            cycle_from: (now, 0),
+            steady_until: None,
         }
     }
 
@@ -243,10 +263,9 @@ impl Pacing {
     /// Crisp accepted a request sent at `sent_at`.
     pub(super) fn accepted(&mut self, sent_at: Instant, now: Instant) {
         self.accepted.push(now);
+        self.accepted_total += 1;
         if self.probing.is_some_and(|p| sent_at >= p.since) {
-            // The window reopened: the learned rate applies again, from now.
-            self.probing = None;
-            self.next_slot = now;
+            self.window_reopened(now);
         }
         let Some(rate) = self.learned.filter(|_| self.slow_start) else {
             return;
@@ -277,6 +296,28 @@ impl Pacing {
         }
     }
 
+    /// A probe was accepted: the closed window reopened. Sending at the learned rate
+    /// would spend its allowance at once and close it again for most of its length;
+    /// the average accepted over the last cycle (open and closed) spreads it instead.
+    /// A spent quota's cycle averages next to nothing: the rate then regrows from its
+    /// floor, tripling per second once above it.
+    fn window_reopened(&mut self, now: Instant) {
+        self.probing = None;
+        let (from, total) = self.cycle_from;
+        self.cycle_from = (now, self.accepted_total);
+        let cycle = now.duration_since(from).as_secs_f64();
+        if cycle > 0.0 {
+            let average = (self.accepted_total - total) as f64 / cycle;
+            let rate = (average * BETA).max(MIN_RATE);
+            self.learned = Some(self.learned.map_or(rate, |l| l.min(rate)));
+            self.last_limit = average.max(MIN_RATE);
+            // Counts as a cut: growth starts slow again, and older refusals are moot.
+            self.last_cut = Some(now);
+            self.steady_until = Some(now + now.duration_since(from) * STEADY_CYCLES);
+        }
+        self.next_slot = now;
+    }
+
     fn grow(&mut self, secs: f64) {
         let Some(rate) = self.learned else { return };
         if self.slow_start {
@@ -284,8 +325,11 @@ impl Pacing {
             return;
         }
         let limit = self.last_limit;
+        let steady = self.steady_until.is_some_and(|t| Instant::now() < t);
         let grown = if rate < FAR_BELOW * limit {
             rate * BELOW_GROWTH.powf(secs)
+        } else if steady {
+            rate + NEAR_GROWTH * limit * secs
         } else if rate > FAR_ABOVE * limit {
             rate * ABOVE_GROWTH.powf(secs)
         } else {
@@ -326,16 +370,16 @@ impl Pacing {
             // Nothing got through for a second at a rate that got through before: a
             // window closed until it resets (a per-minute limit) or a spent quota.
             // Slowing down finds no share; one probe at a time finds the reopening,
-            // at waits that double up to PROBE_MAX, instead of every waiting message
+            // at waits that double up to `probe_max`, instead of every waiting message
             // retrying into it (each message's backoff and the hold still apply).
             let probing = match self.probing {
                 None => Probing {
-                    every: PROBE_FIRST,
+                    every: self.probe_first,
                     since: now,
                 },
                 // Only a refused probe doubles the wait, not what was in flight.
                 Some(p) if sent_at >= p.since => Probing {
-                    every: (p.every * 2).min(PROBE_MAX),
+                    every: (p.every * 2).min(self.probe_max),
                     since: now,
                 },
                 Some(p) => p,
@@ -382,7 +426,7 @@ mod tests {
 
     #[test]
     fn the_slow_start_grows_by_a_fixed_share_per_round_trip() {
-        let mut pacing = Pacing::new(0.0);
+        let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
         let t0 = pacing.last_answer;
         let ms = Duration::from_millis;
         let g = 1.0 + SLOW_START_GROWTH;
@@ -402,7 +446,7 @@ mod tests {
         assert!((pacing.rate().unwrap() - expected).abs() < 1e-6);
         // A Crisp answering at once: a doubling per 25 ms of saturated sending at most,
         // however short the round trip, so unpaced after about a third of a second.
-        let mut pacing = Pacing::new(0.0);
+        let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
         let start = pacing.last_answer;
         let mut at = start;
         while let Some(rate) = pacing.rate() {
@@ -420,14 +464,14 @@ mod tests {
 
     #[test]
     fn the_slow_start_stays_under_the_ceiling_and_ends_at_the_first_cut() {
-        let mut pacing = Pacing::new(25.0);
+        let mut pacing = Pacing::new(25.0, Duration::from_secs(60));
         let t0 = pacing.last_answer;
         let ms = Duration::from_millis;
         for n in 1..=20 {
             pacing.accepted(t0 + ms(100 * n - 100), t0 + ms(100 * n));
         }
         assert_eq!(pacing.rate(), Some(25.0));
-        let mut pacing = Pacing::new(0.0);
+        let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
         pacing.accepted(t0, t0 + ms(100));
         assert!(pacing.cut(t0, t0 + Duration::from_millis(1)));
         let after_cut = pacing.rate();
@@ -458,7 +502,7 @@ mod tests {
 
     #[test]
     fn a_window_closed_for_a_second_is_probed_one_request_at_a_time() {
-        let mut pacing = Pacing::new(0.0);
+        let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
         let t0 = pacing.last_answer;
         let ms = Duration::from_millis;
         let mut now = throttled_at(&mut pacing, 50.0, t0);
@@ -485,19 +529,40 @@ mod tests {
             waits,
             [ms(500), ms(1000), ms(2000), ms(4000), ms(4000), ms(4000)]
         );
-        // A probe accepted: the window reopened, the learned rate applies at once.
+        // A probe accepted: the window reopened. The rate is what the whole cycle
+        // (open and closed) accepted on average, so the next allowance lasts.
+        pacing.accepted_total = 600; // accepted since the pacing began, at t0
         pacing.accepted(now, now + ms(1));
         now += ms(1);
+        assert!(pacing.probing.is_none());
+        let average = 601.0 / now.duration_since(t0).as_secs_f64();
+        let rate = pacing.rate().unwrap();
+        assert!((rate - average * BETA).abs() < 1e-6, "{rate} for {average}");
+        assert!(rate > 10.0 && rate < 50.0);
         assert_eq!(pacing.claim(now, true), Ok(now));
-        assert!(
-            pacing.claim(now + ms(20), true).is_ok(),
-            "paced at 50/s again"
-        );
+        // No probe interval any more: the next request waits for its paced turn only.
+        let turn = pacing.claim(now, true).unwrap_err();
+        assert!(turn <= now + Duration::from_secs_f64(1.0 / rate) + ms(1));
+    }
+
+    #[test]
+    fn probes_never_wait_longer_than_max_backoff() {
+        let mut pacing = Pacing::new(0.0, Duration::from_millis(200));
+        let t0 = pacing.last_answer;
+        let mut now = throttled_at(&mut pacing, 50.0, t0) + WINDOW;
+        pacing.cut(now - Duration::from_millis(1), now);
+        for _ in 0..4 {
+            let next = pacing.claim(now, true).unwrap_err();
+            assert!(next.duration_since(now) <= Duration::from_millis(200));
+            now = next;
+            assert_eq!(pacing.claim(now, true), Ok(now));
+            pacing.cut(now, now);
+        }
     }
 
     #[test]
     fn a_refusal_soon_after_a_cut_measures_the_share_since_it() {
-        let mut pacing = Pacing::new(0.0);
+        let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
         let t0 = pacing.last_answer;
         let ms = Duration::from_millis;
         // A token bucket's burst: 100 accepted in the last second, but its rate is 40/s.
@@ -519,7 +584,7 @@ mod tests {
         assert!((rate - 40.0 * BETA).abs() < 1e-9, "{rate}");
         // Refused requests do not fill the room the next request waits for: a limiter
         // counts what it admits.
-        let mut pacing = Pacing::new(0.0);
+        let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
         let now = throttled_at(&mut pacing, 10.0, t0);
         for i in 0..10 {
             let at = now + ms(i);

@@ -284,7 +284,7 @@ impl Flow {
             reopened: Mutex::new(None),
             generation: AtomicU64::new(0),
             limit: AdaptiveLimit::new(d.concurrency),
-            pacing: Mutex::new(Pacing::new(d.max_requests_per_second)),
+            pacing: Mutex::new(Pacing::new(d.max_requests_per_second, d.max_backoff)),
             accepted: AtomicU64::new(0),
         }
     }
