@@ -54,6 +54,10 @@ const PROBE_MAX: Duration = Duration::from_secs(4);
 /// After a closed window reopened, this many of its cycles pass before the rate may grow
 /// fast again (to find a lifted limit; a window still there closes again then).
 const STEADY_CYCLES: u32 = 3;
+/// A closed window's cycle is taken for a rate limit's window (and its average kept)
+/// when it is at most this long and let at least this many through.
+const WINDOW_CYCLE_MAX: Duration = Duration::from_secs(300);
+const WINDOW_ALLOWANCE_MIN: u64 = 20;
 /// Never slower than this (a rate of zero would stop the pod for good).
 const MIN_RATE: f64 = 0.5;
 /// The longest stretch of time one claim counts as growth (after an idle spell the
@@ -297,25 +301,28 @@ impl Pacing {
     }
 
     /// A probe was accepted: the closed window reopened. Sending at the learned rate
-    /// would spend its allowance at once and close it again for most of its length;
-    /// the average accepted over the last cycle (open and closed) spreads it instead.
-    /// A spent quota's cycle averages next to nothing: the rate then regrows from its
-    /// floor, tripling per second once above it.
+    /// would spend a window's allowance at once and close it again for most of its
+    /// length; the average accepted over the last cycle (open and closed) spreads it
+    /// instead. Only for what looks like a window: a cycle of at most
+    /// [`WINDOW_CYCLE_MAX`] that let at least [`WINDOW_ALLOWANCE_MIN`] through. A storm
+    /// of 429s or a daily quota's reset resumes the learned rate (and regrows from it).
     fn window_reopened(&mut self, now: Instant) {
         self.probing = None;
+        self.next_slot = now;
         let (from, total) = self.cycle_from;
         self.cycle_from = (now, self.accepted_total);
-        let cycle = now.duration_since(from).as_secs_f64();
-        if cycle > 0.0 {
-            let average = (self.accepted_total - total) as f64 / cycle;
-            let rate = (average * BETA).max(MIN_RATE);
-            self.learned = Some(self.learned.map_or(rate, |l| l.min(rate)));
-            self.last_limit = average.max(MIN_RATE);
-            // Counts as a cut: growth starts slow again, and older refusals are moot.
-            self.last_cut = Some(now);
-            self.steady_until = Some(now + now.duration_since(from) * STEADY_CYCLES);
+        let cycle = now.duration_since(from);
+        let allowance = self.accepted_total - total;
+        if cycle > WINDOW_CYCLE_MAX || allowance < WINDOW_ALLOWANCE_MIN || cycle.is_zero() {
+            return;
         }
-        self.next_slot = now;
+        let average = allowance as f64 / cycle.as_secs_f64();
+        let rate = (average * BETA).max(MIN_RATE);
+        self.learned = Some(self.learned.map_or(rate, |l| l.min(rate)));
+        self.last_limit = average.max(MIN_RATE);
+        // Counts as a cut: growth starts slow again, and older refusals are moot.
+        self.last_cut = Some(now);
+        self.steady_until = Some(now + cycle * STEADY_CYCLES);
     }
 
     fn grow(&mut self, secs: f64) {
@@ -558,6 +565,10 @@ mod tests {
             assert_eq!(pacing.claim(now, true), Ok(now));
             pacing.cut(now, now);
         }
+        // A storm of 429s, not a window with an allowance: the learned rate resumes.
+        pacing.accepted(now, now);
+        assert!(pacing.probing.is_none());
+        assert_eq!(pacing.rate(), Some(50.0));
     }
 
     #[test]
