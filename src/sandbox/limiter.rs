@@ -77,6 +77,15 @@ impl RateLimit {
         }
     }
 
+    /// Windows counted from `at` instead of from its creation (a model on a paused clock
+    /// starts its windows with its run, so each run meets the same phase).
+    #[cfg(test)]
+    pub(crate) fn starting_at(mut self, at: Instant) -> Self {
+        self.since = at;
+        self.refilled = at;
+        self
+    }
+
     pub(crate) fn shape(&self) -> LimiterShape {
         self.shape
     }
