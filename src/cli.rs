@@ -671,7 +671,7 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),
     };
-    telemetry::init_logging_with(&loaded.log, traces.as_ref());
+    telemetry::init_logging(&loaded.log);
     if let Some(e) = traces_failed {
         tracing::warn!(error = %e, "running without traces");
     }

@@ -13,7 +13,6 @@ use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTE
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
-use tracing::Instrument;
 
 pub const USER_AGENT: &str = concat!("crisp-bridge/", env!("CARGO_PKG_VERSION"));
 
@@ -247,16 +246,13 @@ impl CrispClient {
         if !traces::enabled() {
             return self.send_once(request, body).await;
         }
+        let span = traces::RequestSpan::start("POST", route, self.server.as_deref());
         // Boxed: only traced requests carry the span.
-        let span = traces::request_span("POST", route, self.server.as_deref());
-        let result = Box::pin(self.send_once(request, body).instrument(span.clone())).await;
-        traces::answered(
-            &span,
-            match &result {
-                Ok(status) => Some(*status),
-                Err(e) => e.status,
-            },
-        );
+        let result = Box::pin(self.send_once(request, body)).await;
+        span.answered(match &result {
+            Ok(status) => Some(*status),
+            Err(e) => e.status,
+        });
         result
     }
 

@@ -25,7 +25,7 @@ use crate::outcome::{mask_people_id, Disposition};
 use crate::route::{Mapped, Router};
 use crate::telemetry::metrics::{self, MessageOutcome, NO_RULE};
 use crate::telemetry::tap::{Decision, Tap};
-use crate::telemetry::traces;
+use crate::telemetry::traces::{self, Trace};
 use dedup::Dedup;
 use futures_util::FutureExt;
 use lanes::Lanes;
@@ -37,7 +37,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, Span};
 
 /// Runs one message's work; a panic (a bug) becomes a requeue that counts toward the
 /// delivery limit, so a message that always panics ends in the dead-letter queue
@@ -79,14 +78,14 @@ struct Job {
     received: Instant,
     /// Crisp's last answer for it, 0 for none (the tap's `crisp_status`).
     crisp_status: AtomicU16,
-    /// Its `crisp_bridge.message` span; disabled (`Span::none()`) when traces are off.
-    span: Span,
+    /// Its `crisp_bridge.message` span; none when traces are off.
+    trace: Trace,
 }
 
 impl Job {
     fn seen(&self) -> Seen<'_> {
         Seen {
-            span: &self.span,
+            trace: &self.trace,
             people_id: Some(&self.mapped.people_id),
             crisp_status: self.crisp_status.load(Ordering::Relaxed),
             received: self.received,
@@ -104,8 +103,8 @@ impl Job {
 
 /// What the tap (and the trace) shows of a delivery besides its fate.
 struct Seen<'a> {
-    /// Its `crisp_bridge.message` span (disabled when traces are off).
-    span: &'a Span,
+    /// Its `crisp_bridge.message` span (none when traces are off).
+    trace: &'a Trace,
     /// Unmasked: masked only when a line is built.
     people_id: Option<&'a str>,
     /// 0: no answer from Crisp.
@@ -114,9 +113,9 @@ struct Seen<'a> {
 }
 
 impl<'a> Seen<'a> {
-    fn nothing(received: Instant, span: &'a Span) -> Self {
+    fn nothing(received: Instant, trace: &'a Trace) -> Self {
         Seen {
-            span,
+            trace,
             people_id: None,
             crisp_status: 0,
             received,
@@ -203,25 +202,20 @@ impl Pipeline {
         let received = Instant::now();
         let hand_back_at = received + self.settings.hand_back_after;
         // With traces off, this one atomic load is all they cost.
-        let (span, parented) = if traces::enabled() {
-            traces::message_span(&delivery, &self.settings.queue)
-        } else {
-            (Span::none(), true)
-        };
+        let mut span =
+            traces::enabled().then(|| traces::MessageSpan::begin(&delivery, &self.settings.queue));
         let triaged = triage_seeing(
             &self.router,
             self.settings.max_message_bytes,
             delivery.routing_key.as_str(),
             &Incoming::from_delivery(&delivery),
             |decoded| {
-                if !parented {
-                    traces::cloud_event_parent(&span, decoded);
+                if let Some(span) = span.as_mut() {
+                    span.cloud_event_parent(decoded);
                 }
             },
         );
-        if !span.is_disabled() {
-            traces::started(&span);
-        }
+        let trace = span.map(traces::MessageSpan::start).unwrap_or_default();
         let (mapped, id) = match triaged {
             Triaged::Event { mapped, id } => (mapped, id),
             Triaged::Done(happened) => {
@@ -230,7 +224,7 @@ impl Pipeline {
                     _ => None,
                 }
                 .unwrap_or_else(|| NO_RULE.into());
-                return self.settle_in_background(acks, delivery, rule, happened, received, span);
+                return self.settle_in_background(acks, delivery, rule, happened, received, trace);
             }
         };
         metrics::data_counts(&mapped.rule, &mapped.counts);
@@ -243,7 +237,7 @@ impl Pipeline {
             hand_back_at,
             received,
             crisp_status: AtomicU16::new(0),
-            span,
+            trace,
         };
         if let Some(first) = self.lanes.push(key, job) {
             self.tasks.spawn(Arc::clone(self).run_lane(key, first));
@@ -257,19 +251,16 @@ impl Pipeline {
         rule: String,
         happened: Happened,
         received: Instant,
-        span: Span,
+        trace: Trace,
     ) {
         let this = Arc::clone(self);
         let hand_back_at = received + self.settings.hand_back_after;
-        let inside = span.clone();
-        self.tasks.spawn(
-            async move {
-                let seen = Seen::nothing(received, &inside);
-                this.finish(&acks, &delivery, &rule, happened, hand_back_at, seen)
-                    .await
-            }
-            .instrument(span),
-        );
+        let inside = trace.clone();
+        self.tasks.spawn(trace.wrap(async move {
+            let seen = Seen::nothing(received, &inside);
+            this.finish(&acks, &delivery, &rule, happened, hand_back_at, seen)
+                .await
+        }));
     }
 
     /// Runs `job`, then the lane's next ones. When one is handed back to the broker, the
@@ -280,24 +271,25 @@ impl Pipeline {
         loop {
             // A panic (a bug) must not take the lane with it: that person's later
             // messages would wait forever while the pod looks ready.
-            let happened = contain_panic(self.run_job(&job), &job.mapped.rule)
-                .instrument(job.span.clone())
+            let happened = job
+                .trace
+                .wrap(contain_panic(self.run_job(&job), &job.mapped.rule))
                 .await;
             // Taken off the lane before the message goes back: its redelivery may arrive
             // at once and must not queue behind the later ones.
             // (A message of that person delivered after this point is not held by us
             // and may overtake it; a single active consumer keeps even that in order.)
             let mut later = self.goes_back(&happened).then(|| self.lanes.close(key));
-            let requeued = self
-                .finish(
+            let requeued = job
+                .trace
+                .wrap(self.finish(
                     &job.acks,
                     &job.delivery,
                     &job.mapped.rule,
                     happened,
                     job.hand_back_at,
                     job.seen(),
-                )
-                .instrument(job.span.clone())
+                ))
                 .await;
             if requeued && later.is_none() {
                 // A dead letter that could not be published went back after all.
@@ -305,16 +297,16 @@ impl Pipeline {
             }
             if let Some(later) = later {
                 for job in later {
-                    self.finish(
-                        &job.acks,
-                        &job.delivery,
-                        &job.mapped.rule,
-                        Happened::NotStarted,
-                        job.hand_back_at,
-                        job.seen(),
-                    )
-                    .instrument(job.span.clone())
-                    .await;
+                    job.trace
+                        .wrap(self.finish(
+                            &job.acks,
+                            &job.delivery,
+                            &job.mapped.rule,
+                            Happened::NotStarted,
+                            job.hand_back_at,
+                            job.seen(),
+                        ))
+                        .await;
                 }
                 return;
             }
@@ -369,7 +361,7 @@ impl Pipeline {
             NO_RULE,
             Happened::NotStarted,
             now,
-            Seen::nothing(now, &Span::none()),
+            Seen::nothing(now, &Trace::default()),
         )
         .await;
     }
@@ -385,7 +377,7 @@ impl Pipeline {
         hand_back_at: Instant,
         seen: Seen<'_>,
     ) -> bool {
-        let span = seen.span;
+        let trace = seen.trace;
         let settings = FateSettings {
             unmatched: self.settings.delivery.unmatched,
         };
@@ -403,9 +395,7 @@ impl Pipeline {
             // back when the channel closes: the broker puts everything this pod held at
             // the head of the queue, in delivery order, then hands the queue over.
             metrics::message(rule, MessageOutcome::Requeued);
-            if !span.is_disabled() {
-                traces::settled(span, rule, MessageOutcome::Requeued.as_str(), reason);
-            }
+            trace.settled(rule, MessageOutcome::Requeued.as_str(), reason);
             return true;
         }
         match Settlement::of(&disposition) {
@@ -435,9 +425,7 @@ impl Pipeline {
             Disposition::Requeue(_) => MessageOutcome::Requeued,
         };
         metrics::message(rule, outcome);
-        if !span.is_disabled() {
-            traces::settled(span, rule, outcome.as_str(), reason);
-        }
+        trace.settled(rule, outcome.as_str(), reason);
         if outcome != MessageOutcome::Requeued {
             metrics::message_age(delivery.properties.timestamp().as_ref().copied());
         }

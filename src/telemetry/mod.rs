@@ -12,7 +12,6 @@ use std::fmt;
 use std::io::{self, IsTerminal};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
@@ -21,15 +20,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 /// Installs the global subscriber: `RUST_LOG` wins over `log.level`; JSON when stdout is
-/// not a terminal (or `log.format = "json"`).
+/// not a terminal (or `log.format = "json"`). JSON lines logged inside a traced message's
+/// work carry its `trace_id` and `span_id` ([`traces::current_ids`]).
 pub fn init_logging(config: &LogConfig) {
-    init_logging_with(config, None);
-}
-
-/// [`init_logging`], and with `traces` their spans exported (only spans of
-/// [`traces::TARGET`], whatever the log level) and JSON log lines inside a message's span
-/// carrying its `trace_id` and `span_id`.
-pub fn init_logging_with(config: &LogConfig, traces: Option<&traces::Traces>) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
@@ -56,17 +49,16 @@ pub fn init_logging_with(config: &LogConfig, traces: Option<&traces::Traces>) {
         fmt.fmt_fields(EscapeControls::default()).boxed()
     };
     let result = tracing_subscriber::registry()
-        // Message spans are seen at any log level: lines inside them carry their ids.
-        .with(fmt.with_filter(filter.or(traces::spans())))
-        .with(traces.map(|t| t.layer()))
+        .with(filter)
+        .with(fmt)
         .try_init();
     // Already initialised (tests run several apps in one process): keep the first.
     drop(result);
     install_panic_hook();
 }
 
-/// A JSON event format whose lines, inside a message's span, start with its `trace_id`
-/// and `span_id` (see [`traces::TraceIds`]).
+/// A JSON event format whose lines, inside a traced message's work, start with its
+/// `trace_id` and `span_id`.
 #[derive(Debug)]
 pub struct WithTraceIds<F>(pub F);
 
@@ -82,12 +74,7 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let ids = ctx.event_scope().and_then(|scope| {
-            scope
-                .into_iter()
-                .find_map(|span| span.extensions().get::<traces::TraceIds>().cloned())
-        });
-        let Some(ids) = ids else {
+        let Some((trace_id, span_id)) = traces::current_ids() else {
             return self.0.format_event(ctx, writer, event);
         };
         let mut line = String::new();
@@ -95,8 +82,7 @@ where
         match line.strip_prefix('{') {
             Some(rest) => write!(
                 writer,
-                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
-                ids.trace_id, ids.span_id
+                "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}"
             ),
             None => writer.write_str(&line),
         }
