@@ -227,38 +227,36 @@ impl Pacing {
         if turn > now {
             return Err(turn);
         }
-        if let Some(probing) = self.probing {
+        self.next_slot = if let Some(probing) = self.probing {
             // One probe per interval; an accepted one ends the probing.
-            self.next_slot = now + probing.every;
-            self.last_claim = now;
-            self.sent.push(now);
-            self.admitted.push(now);
-            return Ok(now);
-        }
-        if waited {
-            // Only time spent sending as fast as allowed says the rate could be higher.
-            // At a low rate one claim stands for a long stretch of saturated sending.
-            let longest = self.rate().map_or(MAX_GROWTH_STEP, |r| {
-                MAX_GROWTH_STEP.max(Duration::from_secs_f64(2.0 / r))
-            });
-            let step = now.duration_since(self.last_claim).min(longest);
-            self.grow(step.as_secs_f64());
-        }
-        self.last_claim = now;
-        self.next_slot = match self.rate() {
-            Some(rate) => {
-                let interval = Duration::from_secs_f64(1.0 / rate);
-                // Spaced from the turn, not from the (late) wake-up, so timer slack does
-                // not eat the rate; after an idle spell no credit is banked.
-                let from = if now.duration_since(turn) < interval {
-                    turn
-                } else {
-                    now
-                };
-                from + interval
+            now + probing.every
+        } else {
+            if waited {
+                // Only time spent sending as fast as allowed says the rate could be
+                // higher. At a low rate one claim stands for a long stretch of saturated
+                // sending.
+                let longest = self.rate().map_or(MAX_GROWTH_STEP, |r| {
+                    MAX_GROWTH_STEP.max(Duration::from_secs_f64(2.0 / r))
+                });
+                let step = now.duration_since(self.last_claim).min(longest);
+                self.grow(step.as_secs_f64());
             }
-            None => now,
+            match self.rate() {
+                Some(rate) => {
+                    let interval = Duration::from_secs_f64(1.0 / rate);
+                    // Spaced from the turn, not from the (late) wake-up, so timer slack
+                    // does not eat the rate; after an idle spell no credit is banked.
+                    let from = if now.duration_since(turn) < interval {
+                        turn
+                    } else {
+                        now
+                    };
+                    from + interval
+                }
+                None => now,
+            }
         };
+        self.last_claim = now;
         self.sent.push(now);
         self.admitted.push(now);
         Ok(now)
