@@ -21,6 +21,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod dead_letters;
+mod holds;
+mod permit;
+
+pub use dead_letters::DeadLetterBlock;
+pub use permit::{Budget, NotNow, Permit, Retry};
+
 /// The longest wait between two trials of a hold.
 pub const TRIAL_MAX: Duration = Duration::from_secs(30);
 /// The first trial's wait (at least `initial_backoff`).
@@ -100,38 +107,6 @@ struct Published {
     blocked_copies: usize,
 }
 
-/// One dead letter waiting for a queue to take its copy. When the last one stops
-/// waiting (taken, handed back, stopping) without a copy taken, the block ends: a
-/// block with nobody left to lift it would stall the pod for good.
-pub struct DeadLetterBlock<'a> {
-    flow: &'a Flow,
-    began: bool,
-}
-
-impl DeadLetterBlock<'_> {
-    /// This copy began the block (so one log line says so).
-    pub fn began(&self) -> bool {
-        self.began
-    }
-}
-
-impl Drop for DeadLetterBlock<'_> {
-    fn drop(&mut self) {
-        let mut ended = false;
-        self.flow.published.send_if_modified(|p| {
-            p.blocked_copies = p.blocked_copies.saturating_sub(1);
-            if p.blocked_copies == 0 && p.dead_letters_blocked {
-                p.dead_letters_blocked = false;
-                ended = true;
-            }
-            ended
-        });
-        if ended {
-            metrics::dead_letters_blocked(false);
-        }
-    }
-}
-
 impl Published {
     fn state(&self) -> FlowState {
         if self.dead_letters_blocked {
@@ -153,81 +128,6 @@ impl Published {
             Gate::Open => FlowState::Open,
         }
     }
-}
-
-/// One message's retry budget, and when it must be handed back at the latest.
-#[derive(Debug)]
-pub struct Budget {
-    started: Instant,
-    attempt: u32,
-    /// Requests accepted pod-wide when this message started: when its budget runs out
-    /// with this unchanged, nothing got through for anyone (an outage).
-    accepted_before: u64,
-    /// Before the broker's consumer timeout would close the channel holding it.
-    hand_back_at: Instant,
-}
-
-impl Budget {
-    /// Retries so far.
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
-    pub fn hand_back_at(&self) -> Instant {
-        self.hand_back_at
-    }
-}
-
-/// Permission to send one request: a concurrency slot and a pacing turn, or a hold's
-/// trial. Dropped without an answer ([`Flow::succeeded`], [`Flow::answered`]), a trial
-/// counts as failed.
-pub struct Permit<'a> {
-    flow: &'a Flow,
-    _slot: Slot<'a>,
-    sent_at: Instant,
-    /// The hold generation this is the trial of.
-    trial: Option<u64>,
-    route: CrispRoute,
-    answered: bool,
-}
-
-impl Permit<'_> {
-    /// This request is a hold's trial.
-    pub fn is_trial(&self) -> bool {
-        self.trial.is_some()
-    }
-
-    /// The request goes to `route` (events unless said otherwise).
-    pub fn for_route(mut self, route: CrispRoute) -> Self {
-        self.route = route;
-        self
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        if let (Some(generation), false) = (self.trial, self.answered) {
-            self.flow.trial_failed(generation);
-        }
-    }
-}
-
-/// Why nothing may be sent for a message now: stopping, or its hand-back time came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotNow;
-
-/// What to do after a transient failure or a rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// Try again after this long.
-    After(Duration),
-    /// A hold began (or goes on): wait for the gate with a fresh budget; the message
-    /// stays with the pod.
-    Hold,
-    /// The message's hand-back time comes before the next try: give it back now.
-    HandBack,
-    /// The budget ran out while other messages got through: the message's own problem.
-    Exhausted,
 }
 
 #[derive(Debug, Clone)]
@@ -464,146 +364,6 @@ impl Flow {
         }
     }
 
-    /// Lets go of a trial taken for a message that will not be sent after all (stopping,
-    /// handed back): another waiting message takes it, at once.
-    fn give_up<T>(&self, trial: Option<u64>) -> Result<T, NotNow> {
-        if let Some(generation) = trial {
-            self.release_trial(generation);
-        }
-        Err(NotNow)
-    }
-
-    /// The trial of hold `of` is free again, without counting as failed.
-    fn release_trial(&self, of: u64) {
-        self.published.send_if_modified(|p| match &mut p.gate {
-            Gate::Closed {
-                trial_out,
-                generation,
-                ..
-            } if *trial_out && *generation == of => {
-                *trial_out = false;
-                true
-            }
-            _ => false,
-        });
-    }
-
-    fn take_trial(&self, now: Instant, of: u64) -> bool {
-        let mut taken = false;
-        self.published.send_if_modified(|p| {
-            if let Gate::Closed {
-                trial_at,
-                trial_out,
-                generation,
-                ..
-            } = &mut p.gate
-            {
-                if !*trial_out && *trial_at <= now && *generation == of && !p.dead_letters_blocked {
-                    *trial_out = true;
-                    taken = true;
-                }
-            }
-            taken
-        });
-        taken
-    }
-
-    /// A trial of hold `of` went unanswered or failed: the next waits longer.
-    fn trial_failed(&self, of: u64) {
-        let trials = self.settings.trials;
-        let mut next = None;
-        self.published.send_if_modified(|p| match &mut p.gate {
-            Gate::Closed {
-                trial_at,
-                trial_out,
-                failed_trials,
-                generation,
-                ..
-            } if *trial_out && *generation == of => {
-                *trial_out = false;
-                *failed_trials = failed_trials.saturating_add(1);
-                let wait = trials.delay(*failed_trials);
-                *trial_at = (*trial_at).max(Instant::now() + wait);
-                next = Some(wait);
-                true
-            }
-            _ => false,
-        });
-        if let Some(wait) = next {
-            tracing::info!(
-                next_trial_ms = wait.as_millis() as u64,
-                "the trial request did not get through; trying again later"
-            );
-        }
-    }
-
-    /// Closes the gate for `why` (or raises its reason); the first trial waits at least
-    /// until `not_before`. True when this call closed it or raised its reason.
-    fn close(&self, why: Hold, route: CrispRoute, not_before: Option<Instant>) -> bool {
-        let now = Instant::now();
-        // A hold that comes back soon after the last one ended goes on from there.
-        let carried = self
-            .reopened
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .filter(|r| now.duration_since(r.at) < TRIAL_MAX)
-            .map_or(0, |r| r.failed_trials.saturating_add(1));
-        let first_wait = self.settings.trials.delay(carried);
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut closed = false;
-        let mut raised = false;
-        self.published.send_if_modified(|p| match &mut p.gate {
-            Gate::Open => {
-                let at = now + first_wait;
-                p.gate = Gate::Closed {
-                    why,
-                    route,
-                    generation,
-                    trial_at: not_before.map_or(at, |n| n.max(at)),
-                    trial_out: false,
-                    failed_trials: carried,
-                };
-                closed = true;
-                true
-            }
-            Gate::Closed {
-                why: current,
-                route: current_route,
-                trial_at,
-                ..
-            } => {
-                let mut changed = false;
-                if why > *current {
-                    *current = why;
-                    *current_route = route;
-                    raised = true;
-                    changed = true;
-                }
-                if let Some(n) = not_before.filter(|n| n > trial_at) {
-                    *trial_at = n;
-                    changed = true;
-                }
-                changed
-            }
-        });
-        if closed || raised {
-            self.export_hold();
-        }
-        closed || raised
-    }
-
-    /// The hold gauges, from the gate itself (a block of dead letters, which outranks
-    /// it in [`FlowState`], must not hide it).
-    fn export_hold(&self) {
-        let why = match self.published.borrow().gate {
-            Gate::Closed { why, .. } => Some(why),
-            Gate::Open => None,
-        };
-        metrics::crisp_refused(why == Some(Hold::Refused));
-        metrics::crisp_outage(why == Some(Hold::Outage));
-        metrics::holding(why == Some(Hold::Quota));
-    }
-
     /// Crisp answered `permit`'s request: a hold on that route ends (this was its
     /// trial, or a request sent before it began got through). A trial answered on
     /// another route proves nothing: its turn goes to the next waiting message at once.
@@ -742,40 +502,6 @@ impl Flow {
             return Retry::Hold;
         }
         Retry::Exhausted
-    }
-
-    /// A dead-letter copy found no queue: nothing is sent until one is taken, or until
-    /// no blocked copy waits any more (the returned `DeadLetterBlock` is one waiting).
-    pub fn block_dead_letters(&self) -> DeadLetterBlock<'_> {
-        let mut began = false;
-        self.published.send_if_modified(|p| {
-            p.blocked_copies += 1;
-            if !p.dead_letters_blocked {
-                p.dead_letters_blocked = true;
-                began = true;
-            }
-            began
-        });
-        if began {
-            metrics::dead_letters_blocked(true);
-        }
-        DeadLetterBlock { flow: self, began }
-    }
-
-    /// A dead-letter copy was taken by a queue: the block ends; true when it was on.
-    pub fn unblock_dead_letters(&self) -> bool {
-        if !self.published.borrow().dead_letters_blocked {
-            return false;
-        }
-        let unblocked = self.published.send_if_modified(|p| {
-            let change = p.dead_letters_blocked;
-            p.dead_letters_blocked = false;
-            change
-        });
-        if unblocked {
-            metrics::dead_letters_blocked(false);
-        }
-        unblocked
     }
 
     /// The backoff a blocked dead letter waits with between its attempts.
