@@ -92,10 +92,16 @@ impl Publisher {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     };
-                    let Ok(channel) = connection.create_channel().await else {
+                    // Every step is bounded: a node starting or stopping may take a
+                    // connection and never answer on it.
+                    let step = Duration::from_secs(5);
+                    let Ok(Ok(channel)) =
+                        tokio::time::timeout(step, connection.create_channel()).await
+                    else {
                         continue;
                     };
-                    if channel.confirm_select(Default::default()).await.is_err() {
+                    let confirms = channel.confirm_select(Default::default());
+                    if !matches!(tokio::time::timeout(step, confirms).await, Ok(Ok(()))) {
                         continue;
                     }
                     while !stop.load(Ordering::Relaxed) {
@@ -131,7 +137,8 @@ impl Publisher {
                             _ => break,
                         }
                     }
-                    let _ = connection.close(200, "test publisher done".into()).await;
+                    let close = connection.close(200, "test publisher done".into());
+                    let _ = tokio::time::timeout(step, close).await;
                 }
             }
         });
@@ -219,18 +226,74 @@ impl World {
         .await
     }
 
-    /// Waits until the sandbox got `min` events.
-    async fn await_events(&self, min: usize) {
-        let state = self.sandbox.state.clone();
-        eventually_within(
-            Duration::from_secs(60),
-            &format!("{min} events at the sandbox"),
-            || {
-                let n = state.events().len();
-                async move { (n >= min).then_some(()) }
-            },
-        )
-        .await;
+    /// Waits until the sandbox got `min` events; on a timeout says what the publisher
+    /// and the queue were doing, and what the bridge logged.
+    async fn await_events(&self, min: usize, publisher: &Publisher) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.events() < min {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {min} events at the sandbox: {} events, {} \
+                     confirmed by the publisher; queue (ready, unacked): {:?}; the \
+                     bridge's last log lines but debug ones:\n{}",
+                    self.events(),
+                    publisher.count(),
+                    self.queue_depth().await,
+                    self.bridge_log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the publisher has `min` messages confirmed: the messages a later
+    /// [`World::await_events`] waits for exist.
+    async fn await_published(&self, min: usize, publisher: &Publisher) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while publisher.count() < min {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for the publisher's {min}th confirm: {} confirmed; \
+                     queue (ready, unacked): {:?}",
+                    publisher.count(),
+                    self.queue_depth().await,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The last `n` lines the bridge logged, debug lines left out (one a message).
+    fn bridge_log_tail(&self, n: usize) -> String {
+        let output = self.bridge().output();
+        let lines: Vec<&str> = output
+            .lines()
+            .filter(|l| !l.contains("\"DEBUG\"") && !l.contains(" DEBUG "))
+            .collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The queue's ready and unacked messages, asked of the first node that answers.
+    async fn queue_depth(&self) -> Option<(String, String)> {
+        for node in &self.cluster.nodes {
+            let args = [
+                "-q",
+                "list_queues",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ];
+            let Ok(out) = self.cluster.ctl(node, &args).await else {
+                continue;
+            };
+            return out.lines().find_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next()? == self.names.queue)
+                    .then(|| Some((words.next()?.to_owned(), words.next()?.to_owned())))
+                    .flatten()
+            });
+        }
+        None
     }
 
     /// How long after `failed` (when the sandbox held `before` events) more events than
@@ -330,7 +393,7 @@ async fn stop_the_bridges_node(cluster: Cluster, test: &str, bridge_urls: Vec<St
         world.names.exchange.clone(),
         Duration::from_millis(5),
     );
-    world.await_events(100).await;
+    world.await_events(100, &publisher).await;
     let node = world.bridge_node().await;
     let before = world.events();
     let failed = Instant::now();
@@ -342,8 +405,10 @@ async fn stop_the_bridges_node(cluster: Cluster, test: &str, bridge_urls: Vec<St
     assert_ne!(other, node, "the bridge is on another node now");
     cluster.start_app(&node).await;
     cluster.await_replicated(&world.names.queue).await;
-    let published = publisher.count();
-    world.await_events(published + 50).await;
+    // 50 more messages, published after the node is back, reach Crisp.
+    let target = publisher.count() + 50;
+    world.await_published(target, &publisher).await;
+    world.await_events(target, &publisher).await;
     world.settle(test, publisher, &[took]).await;
 }
 
@@ -399,7 +464,7 @@ async fn the_quorum_leaders_node_killed_mid_drain() {
                 world.names.exchange.clone(),
                 Duration::from_millis(5),
             );
-            world.await_events(50).await;
+            world.await_events(50, &publisher).await;
             let leader = cluster.leader(&world.names.queue).await;
             let on = world.bridge_node().await;
             let before = world.events();
@@ -424,8 +489,9 @@ async fn the_quorum_leaders_node_killed_mid_drain() {
             .await;
             cluster.ensure_all().await;
             cluster.await_replicated(&world.names.queue).await;
-            let published = publisher.count();
-            world.await_events(300 + published + 50).await;
+            let target = publisher.count() + 50;
+            world.await_published(target, &publisher).await;
+            world.await_events(300 + target, &publisher).await;
             world.settle(test, publisher, &[took]).await;
             let seeds: HashSet<String> = world
                 .sandbox
@@ -451,7 +517,7 @@ async fn a_rolling_restart_of_every_node() {
             world.names.exchange.clone(),
             Duration::from_millis(5),
         );
-        world.await_events(100).await;
+        world.await_events(100, &publisher).await;
         let mut failovers = Vec::new();
         for node in cluster.nodes.clone() {
             let on = world.bridge_node().await;
@@ -469,8 +535,9 @@ async fn a_rolling_restart_of_every_node() {
             cluster.start_app(&node).await;
             cluster.await_replicated(&world.names.queue).await;
         }
-        let published = publisher.count();
-        world.await_events(published + 50).await;
+        let target = publisher.count() + 50;
+        world.await_published(target, &publisher).await;
+        world.await_events(target, &publisher).await;
         world.settle(test, publisher, &failovers).await;
     })
     .await;
