@@ -252,16 +252,30 @@ impl Session {
         let amqp = &self.config.amqp;
         let (connection, node) = broker::connect(amqp, turn).await?;
         if amqp.declare {
-            let channel =
-                connection
-                    .create_channel()
-                    .await
-                    .map_err(|source| broker::BrokerError {
-                        what: "opening a channel to declare the topology".into(),
-                        source,
+            let declaring =
+                async {
+                    let channel = connection.create_channel().await.map_err(|source| {
+                        broker::BrokerError {
+                            what: "opening a channel to declare the topology".into(),
+                            source,
+                        }
                     })?;
-            broker::declare_topology(&channel, amqp, &self.pipeline.router().patterns()).await?;
-            let _ = channel.close(200, "topology declared".into()).await;
+                    broker::declare_topology(&channel, amqp, &self.pipeline.router().patterns())
+                        .await?;
+                    let _ = channel.close(200, "topology declared".into()).await;
+                    Ok::<_, broker::ConnectError>(())
+                };
+            let after = broker::setup_timeout(amqp);
+            match tokio::time::timeout(after, declaring).await {
+                Ok(declared) => declared?,
+                Err(_) => {
+                    return Err(broker::ConnectError::Silent {
+                        node,
+                        step: "declaring the topology",
+                        after,
+                    })
+                }
+            }
         }
         Ok((connection, node))
     }
@@ -273,10 +287,19 @@ impl Session {
         let amqp = &self.config.amqp;
         let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
         // Dropping a lapin consumer cancels it: it lives until the channel is closed.
-        let (channel, mut consumer) = match broker::consume(connection, amqp, &tag).await {
-            Ok(c) => c,
-            Err(e) => return SessionEnd::BrokerLost(e.to_string()),
-        };
+        let after = broker::setup_timeout(amqp);
+        let (channel, mut consumer) =
+            match tokio::time::timeout(after, broker::consume(connection, amqp, &tag)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
+                Err(_) => {
+                    return SessionEnd::BrokerLost(format!(
+                        "starting the consumer took over {}s (two heartbeats, amqp.heartbeat, at least {}s)",
+                        after.as_secs(),
+                        broker::SETUP_FLOOR.as_secs()
+                    ))
+                }
+            };
         self.health.set_consuming(true);
         tracing::info!(queue = %amqp.queue, prefetch = amqp.prefetch, "consuming");
         let acks = Arc::new(Acks::new(

@@ -2,6 +2,7 @@
 //! topology, consume with a prefetch window.
 
 pub mod acks;
+mod attempt;
 pub mod settle;
 pub mod tls;
 
@@ -13,6 +14,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 /// RabbitMQ's default `frame_max`, assumed until a connection has negotiated one.
 const DEFAULT_FRAME_MAX: u32 = 131_072;
@@ -74,6 +76,13 @@ pub enum ConnectError {
         host: String,
         port: u16,
         reason: String,
+    },
+    /// The node took the TCP connection and did not finish the AMQP setup in time.
+    #[error("RabbitMQ at {node} did not finish {step} within {}s (two heartbeats, amqp.heartbeat, at least {}s); is the node overloaded or its network dropping packets?", .after.as_secs(), SETUP_FLOOR.as_secs())]
+    Silent {
+        node: String,
+        step: &'static str,
+        after: Duration,
     },
     /// Not worth retrying: the queue stays as it is until someone changes it or the config.
     #[error(transparent)]
@@ -152,6 +161,23 @@ impl<T> Context<T> for Result<T, lapin::Error> {
 /// Connects to the `turn`-th of the configured URLs (counting round and round: the
 /// nodes of a cluster are tried in turn); returns the connection and the node's
 /// `host:port` for logs.
+/// The least time a connection's setup (handshake, declarations, `basic.consume`) is
+/// given, however short the heartbeat.
+pub const SETUP_FLOOR: Duration = Duration::from_secs(5);
+
+/// How long each step of a connection's setup may take: the handshake, the topology's
+/// declaration, the consumer's start. Two heartbeats (what a silent open connection
+/// is given), at least [`SETUP_FLOOR`]; 30 s with heartbeats off. Heartbeats begin
+/// only after the handshake, so without this a node that takes the TCP connection and
+/// never answers would hold the bridge forever.
+pub fn setup_timeout(amqp: &AmqpConfig) -> Duration {
+    if amqp.heartbeat.is_zero() {
+        Duration::from_secs(30)
+    } else {
+        (amqp.heartbeat * 2).max(SETUP_FLOOR)
+    }
+}
+
 pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, String), ConnectError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
@@ -185,9 +211,18 @@ pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, Stri
     let client_cert = tls_config.identity.is_some();
     let amqps = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
     let (host, port) = (uri.authority.host.clone(), uri.authority.port);
-    let runtime = lapin::runtime::default_runtime().context(context)?;
-    let connecting = Connection::connect_uri_with_config(uri, properties, tls_config, runtime);
-    let connection = match connecting.await {
+    let attempt = std::sync::Arc::new(attempt::Attempt::default());
+    let connecting = attempt::connect(attempt.clone(), uri, properties, tls_config);
+    let after = setup_timeout(amqp);
+    let Ok(connecting) = tokio::time::timeout(after, connecting).await else {
+        attempt.give_up();
+        return Err(ConnectError::Silent {
+            node,
+            step: "the connection handshake",
+            after,
+        });
+    };
+    let connection = match connecting {
         Ok(connection) => connection,
         Err(source) => {
             let reason = amqps

@@ -5,6 +5,7 @@ use crisp_bridge_testkit::{
     amqp_url_via, auto_profiles, broker_addr, eventually, header, Proxy, TestApp, TRIAL,
 };
 use serde_json::json;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn fault(status: u16, times: u32) -> Fault {
@@ -505,6 +506,100 @@ async fn a_silent_node_is_noticed_by_heartbeats_and_the_next_node_is_used() {
     // What the silent connection held unacked went back to the queue when the broker
     // gave up on it; if that was after the stop, those are copies of delivered messages.
     only_copies_left(&app, n).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_silent_from_the_first_byte_is_given_up_and_the_next_node_is_used() {
+    // The first node takes the TCP connection and never answers nor closes (not even
+    // after RabbitMQ's 10 s handshake timeout, as a frozen proxy in front of a broker
+    // would): the AMQP handshake would wait forever, as heartbeats start only after it.
+    // The bridge (a child, so its threads can be counted) gives the attempt up after two
+    // heartbeats (at least 5 s), closes that socket and consumes through the second node.
+    let silent = SilentNode::start().await;
+    let second = Proxy::start(broker_addr().await).await;
+    let urls = [
+        format!("amqp://guest:guest@{}/%2f", silent.addr),
+        amqp_url_via(second.addr).await,
+    ];
+    let env = TestApp::builder("silent-from-start")
+        .sandbox(auto_profiles())
+        .config(&format!(
+            "[amqp]\nheartbeat = \"1s\"\nurls = [\"{}\", \"{}\"]",
+            urls[0], urls[1]
+        ))
+        .env()
+        .await;
+    let began = Instant::now();
+    let bridge = env
+        .spawn(Path::new(env!("CARGO_BIN_EXE_crisp-bridge")), &[])
+        .await;
+    env.publish_people(5).await;
+    env.events_for_people(5).await;
+    let took = began.elapsed();
+    eprintln!("silent from the first byte: consuming through the next node after {took:.2?}");
+    assert_eq!(silent.accepted(), 1, "the silent node was tried first");
+    assert!(
+        second.accepted() >= 1,
+        "the bridge moved to the second node"
+    );
+    // The 5 s floor of the setup bound, start-up and 5 events, with slack.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // The abandoned attempt's I/O thread ended with its socket: one connection, one
+    // thread (lapin runs each connection's I/O on a thread of its own).
+    let pid = bridge.child.id().expect("the bridge runs");
+    eventually("one lapin I/O thread left in the bridge", || async move {
+        (io_loop_threads(pid) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(silent.accepted(), 1, "the silent node was not tried again");
+    bridge.stop().await;
+}
+
+/// A TCP listener that takes connections and never reads, writes or closes them.
+struct SilentNode {
+    addr: std::net::SocketAddr,
+    held: std::sync::Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentNode {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let held = held.clone();
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    held.lock().expect("lock").push(stream);
+                }
+            }
+        });
+        Self { addr, held, task }
+    }
+
+    fn accepted(&self) -> usize {
+        self.held.lock().expect("lock").len()
+    }
+}
+
+impl Drop for SilentNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How many threads of process `pid` are lapin's connection I/O loops.
+fn io_loop_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "lapin-io-loop")
+        .count()
 }
 
 /// What is left in the queue after the stop is only copies of the `n` published messages
