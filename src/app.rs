@@ -10,7 +10,7 @@ use crate::telemetry::metrics;
 use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
-use lapin::{Connection, Consumer};
+use lapin::Consumer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -178,7 +178,7 @@ impl Session {
                 c = self.connect(turn) => c,
                 _ = shutdown.cancelled() => break,
             };
-            let (connection, node) = match connected {
+            let connected = match connected {
                 Ok(connected) => connected,
                 Err(broker::ConnectError::QueueArguments(mismatch)) => {
                     self.health.set_broker(false);
@@ -211,14 +211,17 @@ impl Session {
             metrics::broker_connect(true);
             rounds = 0;
             failed_in_round = 0;
+            let node = &connected.node;
             tracing::info!(node = %node, "connected to RabbitMQ");
             self.health.set_broker(true);
-            let end = self.consume(&connection, shutdown).await;
+            let end = self.consume(&connected, shutdown).await;
             self.health.set_broker(false);
             match end {
                 SessionEnd::Shutdown => {
                     // Whatever is left of the second after shutdown_timeout.
-                    let closing = connection.close(200, "crisp-bridge stopping".into());
+                    let closing = connected
+                        .connection
+                        .close(200, "crisp-bridge stopping".into());
                     let _ = tokio::time::timeout_at(self.give_up_at(), closing).await;
                     return Ok(());
                 }
@@ -248,10 +251,11 @@ impl Session {
         *self.stopping_since.get_or_init(Instant::now)
     }
 
-    async fn connect(&self, turn: usize) -> Result<(Connection, String), broker::ConnectError> {
+    async fn connect(&self, turn: usize) -> Result<broker::Connected, broker::ConnectError> {
         let amqp = &self.config.amqp;
-        let (connection, node) = broker::connect(amqp, turn).await?;
+        let connected = broker::connect(amqp, turn).await?;
         if amqp.declare {
+            let connection = &connected.connection;
             let declaring =
                 async {
                     let channel = connection.create_channel().await.map_err(|source| {
@@ -265,39 +269,45 @@ impl Session {
                     let _ = channel.close(200, "topology declared".into()).await;
                     Ok::<_, broker::ConnectError>(())
                 };
-            let after = broker::setup_timeout(amqp);
+            let after = broker::SETUP_STEP_TIMEOUT;
             match tokio::time::timeout(after, declaring).await {
                 Ok(declared) => declared?,
                 Err(_) => {
+                    connected.give_up();
                     return Err(broker::ConnectError::Silent {
-                        node,
+                        node: connected.node.clone(),
                         step: "declaring the topology",
                         after,
-                    })
+                    });
                 }
             }
         }
-        Ok((connection, node))
+        Ok(connected)
     }
 
     /// Consumes on `connection` until shutdown or until the connection is lost. Holds
     /// (Crisp refusing us, down, out of quota) do not end it: the deliveries stay with
     /// the pod, so no hold cycle counts against their delivery limit.
-    async fn consume(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
+    async fn consume(
+        &self,
+        connected: &broker::Connected,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
         let amqp = &self.config.amqp;
+        let connection = &connected.connection;
         let tag = format!("crisp-bridge-{}", uuid::Uuid::new_v4());
         // Dropping a lapin consumer cancels it: it lives until the channel is closed.
-        let after = broker::setup_timeout(amqp);
+        let starting = broker::consume(connection, amqp, &tag);
         let (channel, mut consumer) =
-            match tokio::time::timeout(after, broker::consume(connection, amqp, &tag)).await {
+            match tokio::time::timeout(broker::SETUP_STEP_TIMEOUT, starting).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => return SessionEnd::BrokerLost(e.to_string()),
                 Err(_) => {
+                    connected.give_up();
                     return SessionEnd::BrokerLost(format!(
-                        "starting the consumer took over {}s (two heartbeats, amqp.heartbeat, at least {}s)",
-                        after.as_secs(),
-                        broker::SETUP_FLOOR.as_secs()
-                    ))
+                        "starting the consumer took over {}s",
+                        broker::SETUP_STEP_TIMEOUT.as_secs()
+                    ));
                 }
             };
         self.health.set_consuming(true);

@@ -154,7 +154,7 @@ pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
 
 /// Runs a replay against the broker of `amqp`.
 pub async fn replay(amqp: &AmqpConfig, selection: &Selection) -> Result<Report, ReplayError> {
-    let (connection, _) = broker::connect(amqp, 0).await?;
+    let broker::Connected { connection, .. } = broker::connect(amqp, 0).await?;
     let channel = connection
         .create_channel()
         .await

@@ -1,11 +1,13 @@
 //! One connection attempt that can be given up (README "Hostile answers and inputs: the
 //! bounds"). lapin has no handshake timeout, and dropping its connect future leaves the
 //! connection's I/O thread waiting on a peer that took the TCP connection and never
-//! answers. Giving up shuts that socket down, so the thread ends, and refuses lapin's
-//! own retry of the handshake on a fresh socket.
+//! answers (the TLS handshake or AMQP's). So the attempt's socket is made here, a
+//! duplicate of it kept before any handshake starts; giving up shuts it down, which ends
+//! both handshakes and the thread. (lapin logs "Exponential backoff attempts exhausted" at
+//! error level as that thread ends: it does not retry, as the bridge sets no backoff.)
 
-use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, OwnedTLSConfig};
-use lapin::uri::AMQPUri;
+use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
@@ -33,8 +35,8 @@ impl Attempt {
         self.socket.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn hold(&self, fd: Option<OwnedFd>) {
-        *self.held() = fd;
+    fn hold(&self, fd: OwnedFd) {
+        *self.held() = Some(fd);
         // Given up while this socket was being made: shut it down too.
         if self.given_up.load(Ordering::SeqCst) {
             self.give_up();
@@ -42,8 +44,9 @@ impl Attempt {
     }
 }
 
-/// Connects as lapin's `connect_uri_with_config` does (TCP, then TLS for `amqps`),
-/// keeping the socket in `attempt`.
+/// Connects as lapin's `connect_uri_with_config` does (TCP, then TLS for `amqps`, with
+/// the URL's host as the TLS server name), keeping the socket in `attempt` before any
+/// handshake.
 pub async fn connect(
     attempt: Arc<Attempt>,
     uri: AMQPUri,
@@ -55,19 +58,25 @@ pub async fn connect(
         uri,
         runtime,
         async move |uri, runtime| {
+            let aborted = || std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
             if attempt.given_up.load(Ordering::SeqCst) {
-                return Err(std::io::Error::from(std::io::ErrorKind::ConnectionAborted).into());
+                return Err(aborted().into());
             }
-            let stream =
-                AMQPUriTcpExt::connect_with_config_async(&uri, tls.as_ref(), &runtime).await?;
-            let fd = match &stream {
-                AsyncTcpStream::Plain(tcp) => tcp.get_ref().as_fd().try_clone_to_owned().ok(),
-                AsyncTcpStream::Rustls(tls) => {
-                    tls.get_ref().0.get_ref().as_fd().try_clone_to_owned().ok()
-                }
-                _ => None,
+            let host = uri.authority.host.clone();
+            let addresses = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+            let stream = AsyncTcpStream::connect(&runtime, addresses).await?;
+            let AsyncTcpStream::Plain(tcp) = &stream else {
+                return Err(aborted().into());
             };
-            attempt.hold(fd);
+            // Without a duplicate the attempt could not be given up: refuse it.
+            attempt.hold(tcp.get_ref().as_fd().try_clone_to_owned()?);
+            if attempt.given_up.load(Ordering::SeqCst) {
+                return Err(aborted().into());
+            }
+            let stream = match uri.scheme {
+                AMQPScheme::AMQP => stream,
+                AMQPScheme::AMQPS => stream.into_tls(&host, tls.as_ref()).await?,
+            };
             Ok(stream)
         },
         properties,

@@ -77,8 +77,9 @@ pub enum ConnectError {
         port: u16,
         reason: String,
     },
-    /// The node took the TCP connection and did not finish the AMQP setup in time.
-    #[error("RabbitMQ at {node} did not finish {step} within {}s (two heartbeats, amqp.heartbeat, at least {}s); is the node overloaded or its network dropping packets?", .after.as_secs(), SETUP_FLOOR.as_secs())]
+    /// The node took the TCP connection and did not finish a step of the setup in time
+    /// (the handshake: [`handshake_timeout`]; later steps: [`SETUP_STEP_TIMEOUT`]).
+    #[error("RabbitMQ at {node} did not finish {step} within {}s (is the node overloaded, or its network dropping packets?)", .after.as_secs())]
     Silent {
         node: String,
         step: &'static str,
@@ -158,27 +159,45 @@ impl<T> Context<T> for Result<T, lapin::Error> {
     }
 }
 
-/// Connects to the `turn`-th of the configured URLs (counting round and round: the
-/// nodes of a cluster are tried in turn); returns the connection and the node's
-/// `host:port` for logs.
-/// The least time a connection's setup (handshake, declarations, `basic.consume`) is
-/// given, however short the heartbeat.
-pub const SETUP_FLOOR: Duration = Duration::from_secs(5);
+/// The least time a connection's handshake is given, however short the heartbeat.
+pub const HANDSHAKE_FLOOR: Duration = Duration::from_secs(5);
 
-/// How long each step of a connection's setup may take: the handshake, the topology's
-/// declaration, the consumer's start. Two heartbeats (what a silent open connection
-/// is given), at least [`SETUP_FLOOR`]; 30 s with heartbeats off. Heartbeats begin
-/// only after the handshake, so without this a node that takes the TCP connection and
-/// never answers would hold the bridge forever.
-pub fn setup_timeout(amqp: &AmqpConfig) -> Duration {
-    if amqp.heartbeat.is_zero() {
-        Duration::from_secs(30)
-    } else {
-        (amqp.heartbeat * 2).max(SETUP_FLOOR)
+/// How long a connection's handshake (TCP, TLS, AMQP) may take: two heartbeats (what a
+/// silent open connection is given), at least [`HANDSHAKE_FLOOR`]; 30 s with heartbeats
+/// off. Heartbeats begin only after the handshake, so without this a node that takes the
+/// TCP connection and never answers would hold the bridge forever.
+fn handshake_timeout(heartbeat_secs: u16) -> Duration {
+    match heartbeat_secs {
+        0 => Duration::from_secs(30),
+        s => (Duration::from_secs(u64::from(s)) * 2).max(HANDSHAKE_FLOOR),
     }
 }
 
-pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, String), ConnectError> {
+/// How long each later step of the setup (declaring the topology, starting the consumer)
+/// may take. Heartbeats notice a silent node there; this bounds a broker that answers
+/// them but not the request (a quorum queue without a majority), and leaves a busy
+/// cluster time to declare many bindings.
+pub const SETUP_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An open connection, the node's `host:port` for logs, and its socket for
+/// [`Connected::give_up`].
+pub struct Connected {
+    pub connection: Connection,
+    pub node: String,
+    attempt: std::sync::Arc<attempt::Attempt>,
+}
+
+impl Connected {
+    /// Shuts the connection's socket down (a setup step that never ended): lapin's I/O
+    /// thread for it ends, where closing would wait for the broker's answer.
+    pub fn give_up(&self) {
+        self.attempt.give_up();
+    }
+}
+
+/// Connects to the `turn`-th of the configured URLs (counting round and round: the
+/// nodes of a cluster are tried in turn).
+pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<Connected, ConnectError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("crisp-bridge/{}", env!("CARGO_PKG_VERSION")).into());
     // Read again before each connection: a rotated `amqp.url_file` is picked up.
@@ -195,6 +214,7 @@ pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, Stri
         // silent for two heartbeats.
         uri.query.heartbeat = Some(u16::try_from(amqp.heartbeat.as_secs()).unwrap_or(u16::MAX));
     }
+    let uri_heartbeat = uri.query.heartbeat.unwrap_or(0);
     let node = format!("{}:{}", uri.authority.host, uri.authority.port);
     let context = || {
         format!(
@@ -213,7 +233,7 @@ pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, Stri
     let (host, port) = (uri.authority.host.clone(), uri.authority.port);
     let attempt = std::sync::Arc::new(attempt::Attempt::default());
     let connecting = attempt::connect(attempt.clone(), uri, properties, tls_config);
-    let after = setup_timeout(amqp);
+    let after = handshake_timeout(uri_heartbeat);
     let Ok(connecting) = tokio::time::timeout(after, connecting).await else {
         attempt.give_up();
         return Err(ConnectError::Silent {
@@ -244,7 +264,11 @@ pub async fn connect(amqp: &AmqpConfig, turn: usize) -> Result<(Connection, Stri
     };
     // lapin records 0 ("no limit") as u32::MAX, which then keeps the default.
     FRAME_MAX.fetch_min(connection.configuration().frame_max(), Ordering::Relaxed);
-    Ok((connection, node))
+    Ok(Connected {
+        connection,
+        node,
+        attempt,
+    })
 }
 
 /// What failed, where, and what to do, for a URL that does not parse; never the URL.
@@ -471,6 +495,14 @@ pub async fn consume(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handshake_gets_two_heartbeats_at_least_the_floor_and_30_s_without_heartbeats() {
+        assert_eq!(handshake_timeout(10), Duration::from_secs(20));
+        assert_eq!(handshake_timeout(1), HANDSHAKE_FLOOR);
+        assert_eq!(handshake_timeout(0), Duration::from_secs(30));
+        assert_eq!(handshake_timeout(u16::MAX), Duration::from_secs(131_070));
+    }
 
     #[tokio::test]
     async fn a_url_that_does_not_parse_is_reported_without_its_password() {

@@ -206,6 +206,21 @@ impl Bridge {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(60), self.child.wait()).await;
     }
 
+    /// How many of the child's threads are lapin's connection I/O loops (lapin runs each
+    /// connection's I/O on a thread of its own); 0 once it has exited.
+    pub fn io_loop_threads(&self) -> usize {
+        let Some(pid) = self.child.id() else {
+            return 0;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "lapin-io-loop")
+            .count()
+    }
+
     /// What the child wrote so far (with [`BridgeCommand::capture_output`]).
     pub fn output(&self) -> String {
         String::from_utf8_lossy(&self.output.lock().expect("log lock")).into_owned()

@@ -12,6 +12,7 @@ mod cluster;
 mod config;
 pub mod otlp;
 mod proxy;
+mod silent;
 
 pub use app::{TestApp, TestAppBuilder, TestEnv};
 pub use broker::{
@@ -22,6 +23,7 @@ pub use child::{arg, bin_from_env, default_bin, free_port, Bridge, BridgeCommand
 pub use cluster::{Cluster, NODE_WAIT};
 pub use config::{Names, TestConfig, LOAD_RULES, RULES};
 pub use proxy::{frames, Chunk, Frame, Proxy};
+pub use silent::SilentNode;
 
 use crisp_bridge::sandbox::{Sandbox, SandboxOptions};
 use std::future::Future;

@@ -2,7 +2,7 @@
 
 use crisp_bridge::sandbox::{Fault, Sandbox};
 use crisp_bridge_testkit::{
-    amqp_url_via, auto_profiles, broker_addr, eventually, header, Proxy, TestApp, TRIAL,
+    amqp_url_via, auto_profiles, broker_addr, eventually, header, Proxy, SilentNode, TestApp, TRIAL,
 };
 use serde_json::json;
 use std::path::Path;
@@ -546,60 +546,12 @@ async fn a_node_silent_from_the_first_byte_is_given_up_and_the_next_node_is_used
     assert!(took < Duration::from_secs(15), "took {took:?}");
     // The abandoned attempt's I/O thread ended with its socket: one connection, one
     // thread (lapin runs each connection's I/O on a thread of its own).
-    let pid = bridge.child.id().expect("the bridge runs");
-    eventually("one lapin I/O thread left in the bridge", || async move {
-        (io_loop_threads(pid) == 1).then_some(())
+    eventually("one lapin I/O thread left in the bridge", || async {
+        (bridge.io_loop_threads() == 1).then_some(())
     })
     .await;
     assert_eq!(silent.accepted(), 1, "the silent node was not tried again");
     bridge.stop().await;
-}
-
-/// A TCP listener that takes connections and never reads, writes or closes them.
-struct SilentNode {
-    addr: std::net::SocketAddr,
-    held: std::sync::Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl SilentNode {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let task = tokio::spawn({
-            let held = held.clone();
-            async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    held.lock().expect("lock").push(stream);
-                }
-            }
-        });
-        Self { addr, held, task }
-    }
-
-    fn accepted(&self) -> usize {
-        self.held.lock().expect("lock").len()
-    }
-}
-
-impl Drop for SilentNode {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// How many threads of process `pid` are lapin's connection I/O loops.
-fn io_loop_threads(pid: u32) -> usize {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "lapin-io-loop")
-        .count()
 }
 
 /// What is left in the queue after the stop is only copies of the `n` published messages

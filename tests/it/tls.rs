@@ -5,9 +5,10 @@
 
 use crisp_bridge::sandbox::{Sandbox, SandboxOptions};
 use crisp_bridge_testkit::{
-    delete_topology_at, eventually, free_port, Bridge, BrokerClient, Names, TestConfig,
+    delete_topology_at, eventually, free_port, Bridge, BrokerClient, Names, SilentNode, TestConfig,
 };
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// What scripts/ensure-rabbitmq-tls.sh exported.
 pub struct TlsEnv {
@@ -225,6 +226,57 @@ async fn the_right_ca_delivers() {
         (setup.ready().await == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_silent_in_the_tls_handshake_is_given_up_and_the_next_node_is_used() {
+    // The first URL's node takes the TCP connection and never answers the ClientHello:
+    // the bridge gives the attempt up after two heartbeats (at least 5 s), its socket and
+    // I/O thread end, and it consumes through the next URL, a real AMQPS node.
+    let env = tls_env();
+    let setup = Setup::new(
+        "tls-silent",
+        &env.amqps,
+        &env.plain,
+        "ca_file = \"ca.crt\"\n",
+    )
+    .await;
+    setup.install(&env, "ca.crt", "ca.crt");
+    let silent = SilentNode::start().await;
+    // The silent node first in `amqp.urls` (which the config's `amqp.url` gives way to).
+    let silent_url = format!("amqps://guest:guest@{}/%2f", silent.addr);
+    let toml = std::fs::read_to_string(&setup.config).expect("read config");
+    assert!(
+        toml.contains("\n[amqp]\n"),
+        "the test config has an [amqp] table"
+    );
+    let urls = format!("\n[amqp]\nurls = [\"{silent_url}\", \"{}\"]\n", env.amqps);
+    std::fs::write(&setup.config, toml.replacen("\n[amqp]\n", &urls, 1)).expect("write");
+    setup.publish_trials(3).await;
+    let began = std::time::Instant::now();
+    let bridge = setup.spawn_with(&[("CRISP_BRIDGE_AMQP__HEARTBEAT", "1s")], &[]);
+    let delivered = tokio::time::timeout(Duration::from_secs(25), setup.all_delivered(3)).await;
+    assert!(
+        delivered.is_ok(),
+        "not delivered through the next node:\n{}",
+        bridge.output()
+    );
+    eprintln!(
+        "silent in the TLS handshake: delivered through the next node after {:.2?}",
+        began.elapsed()
+    );
+    assert_eq!(silent.accepted(), 1, "the silent node was tried first");
+    eventually("one lapin I/O thread left in the bridge", || async {
+        (bridge.io_loop_threads() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        bridge
+            .output()
+            .contains("did not finish the connection handshake within 5s"),
+        "the log says why the node was left:\n{}",
+        bridge.output()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
