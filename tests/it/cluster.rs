@@ -98,10 +98,12 @@ impl Publisher {
                     let Ok(Ok(channel)) =
                         tokio::time::timeout(step, connection.create_channel()).await
                     else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     };
                     let confirms = channel.confirm_select(Default::default());
                     if !matches!(tokio::time::timeout(step, confirms).await, Ok(Ok(()))) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
                     while !stop.load(Ordering::Relaxed) {
@@ -283,7 +285,10 @@ impl World {
                 "messages_ready",
                 "messages_unacknowledged",
             ];
-            let Ok(out) = self.cluster.ctl(node, &args).await else {
+            // Bounded: this runs when something already hangs.
+            let asked =
+                tokio::time::timeout(Duration::from_secs(10), self.cluster.ctl(node, &args));
+            let Ok(Ok(out)) = asked.await else {
                 continue;
             };
             return out.lines().find_map(|line| {

@@ -270,6 +270,12 @@ async fn a_second_signal_exits_at_once_and_the_broker_keeps_the_message() {
     .await;
     let started = std::time::Instant::now();
     bridge.signal("TERM");
+    // Signals sent before the first is taken coalesce into one (the kernel's pending set,
+    // and tokio's stream): the second goes once the bridge says it took the first.
+    eventually("the first signal taken", || async {
+        bridge.output().contains("shutdown requested").then_some(())
+    })
+    .await;
     bridge.signal("TERM");
     let status = bridge.wait_exit().await;
     assert_eq!(
