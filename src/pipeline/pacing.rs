@@ -49,7 +49,7 @@ const SLOW_START_MIN_RTT: Duration = Duration::from_millis(1);
 const SLOW_START_EXIT: f64 = 10_000.0;
 /// The first and the longest wait between two probes of a closed window (never longer
 /// than `delivery.max_backoff`, the longest a message waits between its own tries).
-const PROBE_FIRST: Duration = Duration::from_millis(250);
+const PROBE_FIRST: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(4);
 /// After a closed window reopened, this many of its cycles pass before the rate may grow
 /// fast again (to find a lifted limit; a window still there closes again then).
@@ -152,6 +152,9 @@ pub(super) struct Pacing {
     /// For [`STEADY_CYCLES`] cycles after a window reopened, the rate grows only slowly:
     /// no 429 comes until the allowance is spent, which says nothing about a lifted limit.
     steady_until: Option<Instant>,
+    /// A request sent after the last cut was accepted (so the limiter still lets some
+    /// through).
+    accepted_since_cut: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -184,6 +187,7 @@ impl Pacing {
             accepted_total: 0,
             cycle_from: (now, 0),
             steady_until: None,
+            accepted_since_cut: false,
         }
     }
 
@@ -266,6 +270,9 @@ impl Pacing {
     pub(super) fn accepted(&mut self, sent_at: Instant, now: Instant) {
         self.accepted.push(now);
         self.accepted_total += 1;
+        if self.last_cut.is_some_and(|cut| sent_at >= cut) {
+            self.accepted_since_cut = true;
+        }
         if self.probing.is_some_and(|p| sent_at >= p.since) {
             self.window_reopened(now);
         }
@@ -316,10 +323,15 @@ impl Pacing {
         }
         let average = allowance as f64 / cycle.as_secs_f64();
         let rate = (average * BETA).max(MIN_RATE);
-        self.learned = Some(self.learned.map_or(rate, |l| l.min(rate)));
-        self.last_limit = average.max(MIN_RATE);
+        // A learned rate below the average is the better estimate of the limit (a
+        // cycle of a second or so holds the cut's own round trip): growth starts from it,
+        // not fast towards an average it never reached.
+        let rate = self.learned.map_or(rate, |l| l.min(rate));
+        self.learned = Some(rate);
+        self.last_limit = (rate / BETA).max(MIN_RATE);
         // Counts as a cut: growth starts slow again, and older refusals are moot.
         self.last_cut = Some(now);
+        self.accepted_since_cut = false;
         self.steady_until = Some(now + cycle * STEADY_CYCLES);
     }
 
@@ -371,7 +383,12 @@ impl Pacing {
             // (the last second still holds a token bucket's burst, spent before the cut).
             accepted = self.accepted.after(cut) as f64 / now.duration_since(cut).as_secs_f64();
         }
-        if accepted == 0.0 && self.learned.is_some() && !self.slow_start {
+        // A request sent after the last cut went out only once the last second had room
+        // for the new rate; refused, with nothing sent since the cut accepted, it says
+        // the limiter lets nothing through at any rate (before, a second of cuts went
+        // into a closed minute window: 7.6 % of a run's requests refused in the model).
+        let dry = self.last_cut.is_some() && !self.accepted_since_cut;
+        if (accepted == 0.0 || dry) && self.learned.is_some() && !self.slow_start {
             // Nothing got through for a second at a rate that got through before: a
             // window closed until it resets (a per-minute limit) or a spent quota.
             // Slowing down finds no share; one probe at a time finds the reopening,
@@ -413,8 +430,14 @@ impl Pacing {
             self.last_limit = base.max(MIN_RATE);
         }
         self.learned = Some((base * BETA).max(MIN_RATE));
+        if self.slow_start {
+            // The first closed window's cycle counts from here: with the slow start's
+            // ramp in it, its average is below any limit's.
+            self.cycle_from.0 = now;
+        }
         self.slow_start = false;
         self.last_cut = Some(now);
+        self.accepted_since_cut = false;
         // The lower rate applies to the very next request.
         if let Some(rate) = self.rate() {
             self.next_slot = self
@@ -532,7 +555,7 @@ mod tests {
         }
         assert_eq!(
             waits,
-            [ms(500), ms(1000), ms(2000), ms(4000), ms(4000), ms(4000)]
+            [ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(4000)]
         );
         // A probe accepted: the window reopened. The rate is what the whole cycle
         // (open and closed) accepted on average, so the next allowance lasts.
@@ -548,6 +571,35 @@ mod tests {
         // No probe interval any more: the next request waits for its paced turn only.
         let turn = pacing.claim(now, true).unwrap_err();
         assert!(turn <= now + Duration::from_secs_f64(1.0 / rate) + ms(1));
+    }
+
+    #[test]
+    fn a_refusal_after_a_cut_with_nothing_since_accepted_starts_probing() {
+        let ms = Duration::from_millis;
+        for accepted_since in [false, true] {
+            let mut pacing = Pacing::new(0.0, Duration::from_secs(60));
+            let t0 = pacing.last_answer;
+            let now = throttled_at(&mut pacing, 50.0, t0);
+            assert!(pacing.cut(now - ms(1), now), "the first refusal cuts");
+            let rate = pacing.rate().unwrap();
+            if accepted_since {
+                pacing.accepted(now + ms(20), now + ms(120));
+            }
+            // A request sent after the cut, refused 150 ms later.
+            let cut_again = pacing.cut(now + ms(50), now + ms(150));
+            if accepted_since {
+                assert!(cut_again, "some still get through: a lower rate finds the share");
+                assert!(pacing.probing.is_none());
+            } else {
+                assert!(!cut_again, "nothing gets through: no rate finds a share");
+                assert!(pacing.probing.is_some(), "one probe at a time");
+                assert_eq!(pacing.rate(), Some(rate), "the learned rate is kept");
+                assert_eq!(
+                    pacing.claim(now + ms(150), true),
+                    Err(now + ms(150) + PROBE_FIRST)
+                );
+            }
+        }
     }
 
     #[test]
@@ -585,7 +637,7 @@ mod tests {
         // 400 ms later, 16 accepted since the cut (40/s) and a request sent after the cut
         // refused: cut to the share since the cut, not by a tenth of the last second's.
         for i in 1..=16 {
-            pacing.accepted.push(now + ms(25 * i));
+            pacing.accepted(now + ms(25 * i - 20), now + ms(25 * i));
         }
         let later = now + ms(400);
         assert!(pacing.cut(now + ms(100), later));
