@@ -588,7 +588,10 @@ mod tests {
             // A request sent after the cut, refused 150 ms later.
             let cut_again = pacing.cut(now + ms(50), now + ms(150));
             if accepted_since {
-                assert!(cut_again, "some still get through: a lower rate finds the share");
+                assert!(
+                    cut_again,
+                    "some still get through: a lower rate finds the share"
+                );
                 assert!(pacing.probing.is_none());
             } else {
                 assert!(!cut_again, "nothing gets through: no rate finds a share");
