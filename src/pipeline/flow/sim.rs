@@ -25,14 +25,15 @@ async fn pods(
     pods: usize,
     join_every: Duration,
     secs: u64,
+    phase: Duration,
 ) -> Run {
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
-    // The limiter's windows start with the run: with its own (real) clock they met the
-    // paused one at a random phase, and one fixed-second run of 1 pod reached 0.865 of the
-    // limit at a phase the others never met (README "Flow control benchmark").
+    // The limiter's windows began `phase` before the first pod: a real Crisp's windows
+    // meet a pod's start at any phase, and a fixed window's rows depend on it (README
+    // "Flow control benchmark"), so each phase is a row of its own.
     let limiter = Arc::new(Mutex::new(
-        RateLimit::new(limit, false, shape).starting_at(start.into_std()),
+        RateLimit::new(limit, false, shape).starting_at(start.into_std() - phase),
     ));
     let accepted = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicUsize::new(0));
@@ -106,7 +107,7 @@ fn rate_limited() -> CrispError {
 async fn pods_sharing_a_limit_of_each_shape() {
     let mut misses = Vec::new();
     eprintln!(
-        "| limiter | latency | pods | achieved / limit | answered 429 | 429 in the first 3 s |"
+        "| limiter | latency | pods | window phase | achieved / limit | answered 429 | 429 in the first 3 s |"
     );
     // "0 ms": what the sandbox answering at once takes on a loopback (about a millisecond).
     for latency in [1, 100] {
@@ -123,7 +124,21 @@ async fn pods_sharing_a_limit_of_each_shape() {
             } else {
                 &[(1, 0), (3, 0), (3, 10)]
             };
-            for &(n, join) in setups {
+            // Where the pods start in a fixed window's cycle: at its start, a quarter, a
+            // half and three quarters in.
+            let cycle = match shape {
+                LimiterShape::FixedWindow => Some(Duration::from_secs(1)),
+                LimiterShape::FixedWindowMinute => Some(Duration::from_secs(60)),
+                _ => None,
+            };
+            let phases: Vec<Duration> = match cycle {
+                Some(c) => (0..4).map(|q| c * q / 4).collect(),
+                None => vec![Duration::ZERO],
+            };
+            for (&(n, join), phase) in setups
+                .iter()
+                .flat_map(|s| phases.iter().map(move |p| (s, *p)))
+            {
                 let secs = if minute { 180 } else { 20 } + join * (n as u64 - 1);
                 let run = pods(
                     shape,
@@ -132,6 +147,7 @@ async fn pods_sharing_a_limit_of_each_shape() {
                     n,
                     Duration::from_secs(join),
                     secs,
+                    phase,
                 )
                 .await;
                 // Pods that join later share the limit from then on; it was there all along.
@@ -142,14 +158,19 @@ async fn pods_sharing_a_limit_of_each_shape() {
                 } else {
                     format!("{n}")
                 };
+                let phase = if phase.as_secs() > 0 {
+                    format!("{} s", phase.as_secs())
+                } else {
+                    format!("{} ms", phase.as_millis())
+                };
                 eprintln!(
-                    "| {} | {latency} ms | {setup} | {achieved:.3} | {:.1} % | {} of {} |",
+                    "| {} | {latency} ms | {setup} | {phase} | {achieved:.3} | {:.1} % | {} of {} |",
                     shape.name(),
                     share * 100.0,
                     run.refused_early,
                     run.refused
                 );
-                let row = format!("{} {latency} ms {setup}", shape.name());
+                let row = format!("{} {latency} ms {setup} at {phase}", shape.name());
                 if achieved < 0.95 || share > 0.03 {
                     misses.push(row.clone());
                 }
