@@ -58,6 +58,11 @@ const STEADY_CYCLES: u32 = 3;
 /// when it is at most this long and let at least this many through.
 const WINDOW_CYCLE_MAX: Duration = Duration::from_secs(300);
 const WINDOW_ALLOWANCE_MIN: u64 = 20;
+/// A cycle shorter than this is a window of a second (it closed after its allowance was
+/// spent and reopened within the second): the cut already learned its rate, and growing
+/// only slowly for three cycles would slow finding a lifted limit, so the learned rate
+/// resumes as it is.
+const WINDOW_CYCLE_MIN: Duration = Duration::from_secs(2);
 /// Never slower than this (a rate of zero would stop the pod for good).
 const MIN_RATE: f64 = 0.5;
 /// The longest stretch of time one claim counts as growth (after an idle spell the
@@ -318,7 +323,10 @@ impl Pacing {
         self.cycle_from = (now, self.accepted_total);
         let cycle = now.duration_since(from);
         let allowance = self.accepted_total - total;
-        if cycle > WINDOW_CYCLE_MAX || allowance < WINDOW_ALLOWANCE_MIN || cycle.is_zero() {
+        if cycle > WINDOW_CYCLE_MAX
+            || cycle < WINDOW_CYCLE_MIN
+            || allowance < WINDOW_ALLOWANCE_MIN
+        {
             return;
         }
         let average = allowance as f64 / cycle.as_secs_f64();
