@@ -58,11 +58,10 @@ const STEADY_CYCLES: u32 = 3;
 /// when it is at most this long and let at least this many through.
 const WINDOW_CYCLE_MAX: Duration = Duration::from_secs(300);
 const WINDOW_ALLOWANCE_MIN: u64 = 20;
-/// A cycle shorter than this is a window of a second (it closed after its allowance was
-/// spent and reopened within the second): the cut already learned its rate, and growing
-/// only slowly for three cycles would slow finding a lifted limit, so the learned rate
-/// resumes as it is.
-const WINDOW_CYCLE_MIN: Duration = Duration::from_secs(2);
+/// ...and when it stayed closed this long: one that reopens sooner is a window of a second
+/// (or pods sharing a sliding one), whose rate the cut already learned; growing only slowly
+/// for three cycles there would slow finding a lifted limit, so the learned rate resumes.
+const WINDOW_CLOSED_MIN: Duration = Duration::from_secs(1);
 /// Never slower than this (a rate of zero would stop the pod for good).
 const MIN_RATE: f64 = 0.5;
 /// The longest stretch of time one claim counts as growth (after an idle spell the
@@ -168,6 +167,8 @@ struct Probing {
     every: Duration,
     /// Answers to requests sent before this are not answers to a probe.
     since: Instant,
+    /// When the probing began: how long the window stayed closed.
+    began: Instant,
 }
 
 impl Pacing {
@@ -317,18 +318,22 @@ impl Pacing {
     /// [`WINDOW_CYCLE_MAX`] that let at least [`WINDOW_ALLOWANCE_MIN`] through. A storm
     /// of 429s or a daily quota's reset resumes the learned rate (and regrows from it).
     fn window_reopened(&mut self, now: Instant) {
-        self.probing = None;
+        let closed_for = self
+            .probing
+            .take()
+            .map_or(Duration::ZERO, |p| now.duration_since(p.began));
         self.next_slot = now;
         let (from, total) = self.cycle_from;
         self.cycle_from = (now, self.accepted_total);
         let cycle = now.duration_since(from);
         let allowance = self.accepted_total - total;
         if cycle > WINDOW_CYCLE_MAX
-            || cycle < WINDOW_CYCLE_MIN
+            || closed_for < WINDOW_CLOSED_MIN
             || allowance < WINDOW_ALLOWANCE_MIN
         {
             return;
         }
+        // The probing began within the cycle, so the cycle is at least `closed_for` long.
         let average = allowance as f64 / cycle.as_secs_f64();
         let rate = (average * BETA).max(MIN_RATE);
         // A learned rate below the average is the better estimate of the limit (a
@@ -406,11 +411,13 @@ impl Pacing {
                 None => Probing {
                     every: self.probe_first,
                     since: now,
+                    began: now,
                 },
                 // Only a refused probe doubles the wait, not what was in flight.
                 Some(p) if sent_at >= p.since => Probing {
                     every: (p.every * 2).min(self.probe_max),
                     since: now,
+                    began: p.began,
                 },
                 Some(p) => p,
             };
